@@ -1,0 +1,474 @@
+"""Featurize throughput of fasttrak vs. the reference ``traker`` (MadryLab TRAK 0.3.2) on CPU.
+
+Prints one JSON line per measurement to stdout and a human-readable table to stderr.
+
+Measurements
+------------
+``featurize``
+    Examples/second of featurizing ``n`` training examples for one checkpoint, for fasttrak
+    (``ft.TRAK(..., projector="dense").featurize``) and traker
+    (``TRAKer.load_checkpoint`` + ``TRAKer.featurize`` per batch, with an explicit float32
+    Rademacher ``BasicProjector``), same model, data, batch size and projection dimension
+    ``k``, in the same process. Each package is warmed up once on one batch (a separate
+    instance) before the timed run. The timed run includes everything ``featurize`` does,
+    in particular building the projection matrix for that checkpoint. The ``*_breakdown``
+    fields say where the time went (per-example gradients, projection, and within
+    projection, generating the random matrix), measured by wrapping those methods with
+    timers during the timed run.
+``projection``
+    GFLOP/s (``2 * B * p * k / seconds``, median of several repetitions) of fasttrak's
+    ``DenseProjector.project`` on a random ``(B, p)`` float32 gradient block (matrix already
+    built by a warm-up call) and of ``torch.matmul`` of the same shapes with a pre-generated
+    ``(p, k)`` matrix. ``trak_gflops`` is traker's ``BasicProjector.project`` (which
+    regenerates its matrix block by block on every call when ``k > block_size``).
+
+Usage::
+
+    python benchmarks/featurize.py            # full run (~2-3 min on 2 CPU cores)
+    python benchmarks/featurize.py --quick    # smoke test (~20 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Subset, TensorDataset
+
+try:  # the reference implementation (pip install traker==0.3.2)
+    import trak as _trak
+    from trak.projectors import BasicProjector, ProjectionType
+
+    TRAK_IMPORT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001 - any import failure just disables the reference
+    _trak = None
+    TRAK_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+try:
+    import fasttrak as ft
+    from fasttrak.projection import DenseProjector
+
+    FT_IMPORT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001
+    ft = None
+    FT_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------- models & data
+
+
+class MLP(nn.Sequential):
+    """64 -> 256 -> 256 -> 10 with ReLU, on flattened 8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Flatten(),
+            nn.Linear(64, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, 10),
+        )
+
+
+class CNN(nn.Sequential):
+    """conv(3->16) -> conv(16->32) -> maxpool 2 -> linear(2048 -> 10), on 3x16x16 digits."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 8 * 8, 10),
+        )
+
+
+def digits(n: int, model: str) -> TensorDataset:
+    """The first ``n`` scikit-learn digits (1797 bundled, tiled if more are asked for),
+    scaled to [0, 1]: (n, 64) for the MLP, (n, 3, 16, 16) (2x nearest upsampling,
+    replicated over 3 channels) for the CNN. Labels are int64."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    reps = -(-n // len(data.target))
+    x = torch.from_numpy(np.tile(data.images, (reps, 1, 1))[:n]).float() / 16.0
+    y = torch.from_numpy(np.tile(data.target, reps)[:n]).long()
+    if model == "mlp":
+        x = x.reshape(n, 64)
+    else:
+        x = x.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+        x = x.unsqueeze(1).expand(n, 3, 16, 16).contiguous()
+    return TensorDataset(x, y)
+
+
+def make_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return {"mlp": MLP, "cnn": CNN}[name]().eval()
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+
+class Timers:
+    """Accumulated wall time per label, filled by wrapped methods."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - t0
+
+        return timed
+
+
+@contextlib.contextmanager
+def patched(obj: Any, attr: str, timers: Timers, label: str) -> Iterator[None]:
+    """Temporarily replace ``obj.attr`` (a class or an instance) by a timed wrapper."""
+    original = obj.__dict__[attr] if attr in vars(obj) else None
+    setattr(obj, attr, timers.wrap(label, getattr(obj, attr)))
+    try:
+        yield
+    finally:
+        if original is None:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, original)
+
+
+def median_seconds(fn: Callable[[], Any], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def breakdown(timers: Timers, total: float) -> dict[str, float]:
+    out = {f"{k}_s": round(v, 4) for k, v in sorted(timers.seconds.items())}
+    out["total_s"] = round(total, 4)
+    return out
+
+
+# ----------------------------------------------------------------------------- fasttrak
+
+
+def fasttrak_featurize(
+    model: nn.Module, data: TensorDataset, k: int, batch_size: int, timers: Timers | None
+) -> None:
+    trak = ft.TRAK(
+        model,
+        task=ft.tasks.ImageClassification(),
+        proj_dim=k,
+        projector="dense",
+        store=None,
+        device="cpu",
+        seed=0,
+        progress=False,
+    )
+    # fresh projector cache per instance: build the matrix inside the timed region
+    checkpoint = copy.deepcopy(model.state_dict())
+    if timers is None:
+        trak.featurize(data, checkpoints=[checkpoint], batch_size=batch_size)
+        return
+    from fasttrak.gradients.vmap import VmapGradients
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched(VmapGradients, "__call__", timers, "grads"))
+        stack.enter_context(patched(DenseProjector, "project", timers, "project"))
+        stack.enter_context(patched(DenseProjector, "_tile", timers, "matrix_gen"))
+        trak.featurize(data, checkpoints=[checkpoint], batch_size=batch_size)
+
+
+def time_fasttrak(
+    model_name: str, data: TensorDataset, k: int, batch_size: int
+) -> tuple[float, dict[str, float]]:
+    warm = Subset(data, range(min(batch_size, len(data))))
+    fasttrak_featurize(make_model(model_name), warm, k, batch_size, None)
+    model = make_model(model_name)
+    timers = Timers()
+    t0 = time.perf_counter()
+    fasttrak_featurize(model, data, k, batch_size, timers)
+    total = time.perf_counter() - t0
+    return len(data) / total, breakdown(timers, total)
+
+
+# ----------------------------------------------------------------------------- traker
+
+
+def trak_projector(p: int, k: int) -> Any:
+    # Passed explicitly: with projector=None on device="cpu", TRAKer builds a BasicProjector
+    # with dtype float16 (use_half_precision=True) and *normal* entries, ~7x slower on CPU
+    # (float16 matmul) and not the Rademacher projection of the paper.
+    return BasicProjector(
+        grad_dim=p, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher, device="cpu"
+    )
+
+
+def trak_featurize(
+    model: nn.Module,
+    data: TensorDataset,
+    k: int,
+    batch_size: int,
+    save_dir: str,
+    timers: Timers | None,
+) -> None:
+    n = len(data)
+    traker = _trak.TRAKer(
+        model=model,
+        task="image_classification",
+        train_set_size=n,
+        save_dir=save_dir,
+        device="cpu",
+        proj_dim=k,
+        projector=trak_projector(num_params(model), k),
+        logging_level=logging.WARNING,
+    )
+    if timers is not None:
+        gc, pr, sv = traker.gradient_computer, traker.projector, traker.saver
+        gc.compute_per_sample_grad = timers.wrap("grads", gc.compute_per_sample_grad)
+        pr.project = timers.wrap("project", pr.project)
+        pr.generate_sketch_matrix = timers.wrap("matrix_gen", pr.generate_sketch_matrix)
+        sv.serialize_current_model_id_metadata = timers.wrap(
+            "metadata_io", sv.serialize_current_model_id_metadata
+        )
+    x, y = data.tensors
+    traker.load_checkpoint(copy.deepcopy(model.state_dict()), model_id=0)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        traker.featurize(batch=(x[start:stop], y[start:stop]), num_samples=stop - start)
+
+
+def time_trak(
+    model_name: str, data: TensorDataset, k: int, batch_size: int
+) -> tuple[float, dict[str, float]]:
+    x, y = data.tensors
+    warm = TensorDataset(x[:batch_size], y[:batch_size])
+    with tempfile.TemporaryDirectory() as d:
+        trak_featurize(make_model(model_name), warm, k, batch_size, d, None)
+    with tempfile.TemporaryDirectory() as d:
+        model = make_model(model_name)
+        timers = Timers()
+        # TRAKer.__init__ (which generates the first projection block) is outside the timed
+        # region for traker; only load_checkpoint + featurize are timed. The matrix_gen
+        # timer still counts that first block.
+        t0 = time.perf_counter()
+        trak_featurize(model, data, k, batch_size, d, timers)
+        total = time.perf_counter() - t0
+    return len(data) / total, breakdown(timers, total)
+
+
+# ----------------------------------------------------------------------------- projection
+
+
+def _seconds_fasttrak(grads: Tensor, p: int, k: int, reps: int) -> tuple[float, float]:
+    """(seconds of the first call, which builds and caches the matrix; median seconds after)."""
+    proj = DenseProjector({"w": p}, k=k, seed=0, model_id=0, kind="rademacher", device="cpu")
+    t0 = time.perf_counter()
+    proj.project(grads)
+    first = time.perf_counter() - t0
+    return first, median_seconds(lambda: proj.project(grads), reps)
+
+
+def _seconds_matmul(grads: Tensor, p: int, k: int, reps: int) -> float:
+    matrix = torch.randn((p, k), generator=torch.Generator().manual_seed(1))
+    out = torch.empty((grads.shape[0], k))
+    torch.matmul(grads, matrix, out=out)
+    return median_seconds(lambda: torch.matmul(grads, matrix, out=out), reps)
+
+
+def _seconds_trak(grads: Tensor, p: int, k: int, reps: int) -> float:
+    proj = trak_projector(p, k)
+    proj.project(grads, model_id=0)
+    return median_seconds(lambda: proj.project(grads, model_id=0), reps)
+
+
+def bench_projection(p: int, k: int, batch: int, reps: int, use_trak: bool) -> dict[str, Any]:
+    gflop = 2.0 * batch * p * k / 1e9
+    grads = torch.randn((batch, p), generator=torch.Generator().manual_seed(0))
+    row: dict[str, Any] = {
+        "bench": "projection",
+        "p": p,
+        "k": k,
+        "batch": batch,
+        "fasttrak_gflops": None,
+        "matmul_gflops": None,
+        "ratio": None,
+        "trak_gflops": None,
+    }
+    if ft is not None:
+        first, sec = _seconds_fasttrak(grads, p, k, reps)
+        row["fasttrak_gflops"] = round(gflop / sec, 3)
+        row["fasttrak_first_call_s"] = round(first, 4)
+    else:
+        row["note"] = f"fasttrak not importable: {FT_IMPORT_ERROR}"
+    row["matmul_gflops"] = round(gflop / _seconds_matmul(grads, p, k, reps), 3)
+    if use_trak:
+        row["trak_gflops"] = round(gflop / _seconds_trak(grads, p, k, reps), 3)
+    if row["fasttrak_gflops"] is not None:
+        row["ratio"] = round(row["fasttrak_gflops"] / row["matmul_gflops"], 3)
+    return row
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def emit(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def share(bd: dict[str, float] | None, key: str) -> str:
+    if not bd or not bd.get("total_s"):
+        return "-"
+    return f"{100 * bd.get(key, 0.0) / bd['total_s']:.0f}%"
+
+
+def print_tables(feat_rows: list[dict[str, Any]], proj_rows: list[dict[str, Any]]) -> None:
+    err = sys.stderr
+    print("\nFeaturize (examples/s, higher is better)", file=err)
+    head = (
+        f"{'model':<5} {'p':>7} {'k':>5} {'n':>5} {'B':>4} {'fasttrak':>9} {'traker':>8} "
+        f"{'speedup':>8}  {'ft grad/proj/gen':>17}  {'trak grad/proj/gen':>18}"
+    )
+    print(head, file=err)
+    print("-" * len(head), file=err)
+    for r in feat_rows:
+        fb, tb = r.get("fasttrak_breakdown"), r.get("trak_breakdown")
+        ft_split = "/".join(share(fb, c) for c in ("grads_s", "project_s", "matrix_gen_s"))
+        tr_split = "/".join(share(tb, c) for c in ("grads_s", "project_s", "matrix_gen_s"))
+        print(
+            f"{r['model']:<5} {r['p']:>7} {r['k']:>5} {r['n']:>5} {r['batch_size']:>4} "
+            f"{fmt(r['fasttrak_ex_per_s'], '9.0f')} {fmt(r['trak_ex_per_s'], '8.0f')} "
+            f"{fmt(r['speedup'], '7.1f')}x  {ft_split:>17}  {tr_split:>18}",
+            file=err,
+        )
+    print(
+        "(grad/proj/gen: share of featurize time in per-example gradients, in project(),"
+        " and in generating the random matrix, which is part of project())",
+        file=err,
+    )
+    print("\nProjection (GFLOP/s = 2*B*p*k/s, median)", file=err)
+    head = f"{'p':>7} {'k':>5} {'B':>4} {'fasttrak':>9} {'matmul':>8} {'ratio':>6} {'traker':>8}"
+    print(head, file=err)
+    print("-" * len(head), file=err)
+    for r in proj_rows:
+        print(
+            f"{r['p']:>7} {r['k']:>5} {r['batch']:>4} {fmt(r['fasttrak_gflops'], '9.1f')} "
+            f"{fmt(r['matmul_gflops'], '8.1f')} {fmt(r['ratio'], '6.2f')} "
+            f"{fmt(r['trak_gflops'], '8.2f')}",
+            file=err,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fast smoke run")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--n", type=int, default=None, help="training examples (1024)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (128)")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="proj dims (512 2048)")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--reps", type=int, default=None, help="projection repetitions (5)")
+    parser.add_argument("--no-trak", action="store_true", help="skip the traker reference")
+    args = parser.parse_args(argv)
+
+    n = args.n or (256 if args.quick else 1024)
+    batch_size = args.batch_size or (64 if args.quick else 128)
+    ks = args.ks or ([512] if args.quick else [512, 2048])
+    reps = args.reps or (2 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+    use_trak = _trak is not None and not args.no_trak
+    trak_note = None
+    if _trak is None:
+        trak_note = f"traker not importable: {TRAK_IMPORT_ERROR}"
+    elif args.no_trak:
+        trak_note = "traker skipped (--no-trak)"
+
+    print(
+        f"# torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{platform.processor() or platform.machine()}, "
+        f"traker {getattr(_trak, '__version__', None) if _trak else None}",
+        file=sys.stderr,
+    )
+
+    feat_rows: list[dict[str, Any]] = []
+    shapes: list[tuple[int, int]] = []
+    for model_name in args.models:
+        data = digits(n, model_name)
+        p = num_params(make_model(model_name))
+        for k in ks:
+            shapes.append((p, k))
+            row: dict[str, Any] = {
+                "bench": "featurize",
+                "model": model_name,
+                "p": p,
+                "k": k,
+                "n": n,
+                "batch_size": batch_size,
+                "fasttrak_ex_per_s": None,
+                "trak_ex_per_s": None,
+                "speedup": None,
+                "threads": torch.get_num_threads(),
+            }
+            notes = []
+            if ft is not None and hasattr(ft, "TRAK"):
+                rate, bd = time_fasttrak(model_name, data, k, batch_size)
+                row["fasttrak_ex_per_s"] = round(rate, 1)
+                row["fasttrak_breakdown"] = bd
+            else:
+                notes.append(f"fasttrak.TRAK not available: {FT_IMPORT_ERROR}")
+            if use_trak:
+                rate, bd = time_trak(model_name, data, k, batch_size)
+                row["trak_ex_per_s"] = round(rate, 1)
+                row["trak_breakdown"] = bd
+            else:
+                notes.append(trak_note)
+            if row["fasttrak_ex_per_s"] and row["trak_ex_per_s"]:
+                row["speedup"] = round(row["fasttrak_ex_per_s"] / row["trak_ex_per_s"], 2)
+            if notes:
+                row["note"] = "; ".join(notes)
+            emit(row)
+            feat_rows.append(row)
+
+    proj_rows = []
+    for p, k in shapes:
+        row = bench_projection(p, k, batch_size, reps, use_trak)
+        row["threads"] = torch.get_num_threads()
+        emit(row)
+        proj_rows.append(row)
+
+    print_tables(feat_rows, proj_rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Loading and checking checkpoints: state dicts or paths, safely."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fasttrak.errors import CheckpointMismatchError
+
+Checkpoint = Mapping[str, Tensor] | str | Path | nn.Module
+
+
+def load_state(model: nn.Module, checkpoint: Checkpoint | None) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``model`` by name, on the CPU, taken from ``checkpoint``.
+
+    Paths load with ``torch.load(weights_only=True)`` (``.safetensors`` with safetensors).
+    Buffers that a state dict does not hold (non-persistent ones) come from the model.
+    Raises CheckpointMismatchError when names or shapes do not fit the model.
+    """
+    if checkpoint is None:
+        checkpoint = model
+    if isinstance(checkpoint, nn.Module):
+        checkpoint = checkpoint.state_dict()
+    if isinstance(checkpoint, (str, Path)):
+        checkpoint = _load_file(Path(checkpoint))
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(
+            "a checkpoint must be a state dict, a path or a module, "
+            f"got {type(checkpoint).__name__}"
+        )
+    expected = model.state_dict()
+    non_tensor = [k for k, v in checkpoint.items() if not isinstance(v, Tensor)]
+    if non_tensor:
+        raise CheckpointMismatchError(
+            f"checkpoint entries {non_tensor[:5]} are not tensors: this looks like a training "
+            "checkpoint dict; pass the model's state dict inside it (e.g. ckpt['model'])"
+        )
+    missing = [k for k in expected if k not in checkpoint]
+    unexpected = [k for k in checkpoint if k not in expected]
+    if missing or unexpected:
+        hint = ""
+        if any(k.startswith("module.") for k in unexpected):
+            hint = " (keys start with 'module.': strip that prefix left by DataParallel/DDP)"
+        raise CheckpointMismatchError(
+            f"the checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}{hint}; pass a state dict saved from this model architecture"
+        )
+    wrong = [
+        f"{k}: checkpoint {tuple(checkpoint[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(checkpoint[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise CheckpointMismatchError(
+            "the checkpoint's shapes do not fit the model: "
+            + "; ".join(wrong[:5])
+            + "; pass a state dict saved from this model architecture"
+        )
+    state = {k: v.detach().to("cpu") for k, v in checkpoint.items()}
+    for name, buffer in model.named_buffers():
+        state.setdefault(name, buffer.detach().to("cpu"))
+    return state
+
+
+def fingerprint(state: Mapping[str, Tensor]) -> str:
+    """A blake2b digest of names, dtypes, shapes and bytes: identifies a checkpoint's weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_file(path: Path) -> Mapping[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as error:
+            raise ImportError("reading .safetensors needs `pip install safetensors`") from error
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,61 @@
+"""``params=``: which parameters are differentiated (names, globs, modules or module types)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from torch import nn
+
+ParamSpec = str | nn.Module | type | Iterable[str | nn.Module | type] | None
+"""None (every trainable parameter), a name or glob ("fc.*"), a submodule, a module type
+(nn.Linear), or a list mixing those."""
+
+
+def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
+    """Names of the selected parameters, in ``model.named_parameters()`` order.
+
+    Raises ValueError when the selection matches nothing, naming what is available.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {name for name, p in named.items() if p.requires_grad}
+        if not chosen:
+            raise ValueError(
+                "the model has no parameter with requires_grad=True; pass params= to choose "
+                "which parameters to attribute through"
+            )
+        return [name for name in named if name in chosen]
+    items = [params] if isinstance(params, (str, nn.Module, type)) else list(params)
+    if not items:
+        raise ValueError("params= is an empty list; pass None to use every trainable parameter")
+    chosen: set[str] = set()
+    for item in items:
+        matched = _match(model, named, item)
+        if not matched:
+            available = ", ".join(list(named)[:12]) + (" ..." if len(named) > 12 else "")
+            raise ValueError(
+                f"params= entry {item!r} matches no parameter of the model; "
+                f"parameter names are: {available}"
+            )
+        chosen |= matched
+    return [name for name in named if name in chosen]
+
+
+def _match(model: nn.Module, named: dict[str, nn.Parameter], item: object) -> set[str]:
+    if isinstance(item, str):
+        return {name for name in named if name == item or fnmatch.fnmatchcase(name, item)}
+    if isinstance(item, type) and issubclass(item, nn.Module):
+        return {
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules()
+            if isinstance(module, item)
+            for name, _ in module.named_parameters(recurse=False)
+        }
+    if isinstance(item, nn.Module):
+        ids = {id(p) for p in item.parameters()}
+        return {name for name, p in named.items() if id(p) in ids}
+    raise TypeError(
+        "params= entries must be names/globs, submodules or module types, "
+        f"got {type(item).__name__}"
+    )

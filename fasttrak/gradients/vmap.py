@@ -1,0 +1,50 @@
+"""The torch.func engine: vmap of grad over examples, on any model written in PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from fasttrak.tasks.base import Task
+
+
+class VmapGradients:
+    """Per-example gradients of ``task.output`` w.r.t. the selected parameters.
+
+    Only the selected parameters are differentiated: the others enter the function as
+    constants. ``chunk_size`` examples are processed per vmap call, which bounds the
+    memory of intermediate activations.
+    """
+
+    def __init__(
+        self, model: nn.Module, task: Task, selected: Sequence[str], chunk_size: int | None = 32
+    ) -> None:
+        self.model = model
+        self.task = task
+        self.selected = list(selected)
+        self.chunk_size = chunk_size
+
+    def __call__(self, state: dict[str, Tensor], batch: Any) -> Tensor:
+        """state: every parameter and buffer by name (on the compute device); batch: a
+        collated batch. Returns (B, p) float32, columns in selection order, each parameter
+        flattened in row-major order."""
+        selected = {name: state[name] for name in self.selected}
+        constants = {name: t for name, t in state.items() if name not in selected}
+
+        def output_of_one(params: dict[str, Tensor], example: Any) -> Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(self.model, (params, constants), args, kwargs)
+
+            return self.task.output(forward, one)[0]
+
+        per_example = vmap(grad(output_of_one), in_dims=(None, 0), chunk_size=self.chunk_size)
+        grads = per_example(selected, batch)
+        size = self.task.batch_size(batch)
+        return torch.cat([grads[name].reshape(size, -1).float() for name in self.selected], dim=1)

@@ -1,0 +1,62 @@
+"""The kernel K = Φᵀ Φ + λ I of one checkpoint, and solves with its Cholesky factor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Precision = Literal["float32", "float64"]
+
+DEFAULT_RIDGE = 1e-2
+"""Default relative ridge: λ = ridge · trace(Φᵀ Φ) / k, i.e. a fraction of the mean eigenvalue.
+Scale-free (features may be rescaled freely) and large enough to keep the solve well posed
+when k > n. See docs/estimator.md for the LDS measurement behind it."""
+
+
+def gram(blocks: Iterable[np.ndarray], k: int, precision: Precision = "float32") -> np.ndarray:
+    """Φᵀ Φ from row blocks of Φ (each (rows, k)): block products in ``precision``
+    (float32 or float64, never lower), summed in float64. Returns (k, k) float64."""
+    dtype = {"float32": torch.float32, "float64": torch.float64}[precision]
+    total = torch.zeros((k, k), dtype=torch.float64)
+    for block in blocks:
+        phi = torch.from_numpy(np.ascontiguousarray(block)).to(dtype)
+        total += (phi.T @ phi).double()
+    return total.numpy()
+
+
+def ridge_value(gram_matrix: np.ndarray, ridge: float) -> float:
+    """λ = ridge · trace(G) / k (absolute ridge added to the diagonal)."""
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    return float(ridge * np.trace(gram_matrix) / gram_matrix.shape[0])
+
+
+def cholesky_factor(gram_matrix: np.ndarray, ridge: float) -> np.ndarray:
+    """Lower Cholesky factor L of G + λ I in float64, λ = ``ridge_value(G, ridge)``."""
+    if not np.isfinite(gram_matrix).all():
+        raise FloatingPointError("the kernel has NaN/inf entries; the stored features are corrupt")
+    if np.trace(gram_matrix) <= 0:
+        raise FloatingPointError(
+            "every training feature is zero (the kernel's trace is 0): the selected parameters "
+            "get no gradient; check params= and the model's output"
+        )
+    lam = ridge_value(gram_matrix, ridge)
+    matrix = torch.from_numpy(gram_matrix) + lam * torch.eye(
+        gram_matrix.shape[0], dtype=torch.float64
+    )
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise np.linalg.LinAlgError(
+            f"the kernel Φᵀ Φ + λ I is not positive definite with ridge={ridge}; "
+            "increase ridge= (the kernel is singular when k exceeds the number of examples)"
+        )
+    return factor.numpy()
+
+
+def solve(factor: np.ndarray, rhs: Tensor) -> Tensor:
+    """(Φᵀ Φ + λ I)⁻¹ rhs via the Cholesky factor; rhs (k, T) -> (k, T) float64."""
+    return torch.cholesky_solve(rhs.double(), torch.from_numpy(factor))

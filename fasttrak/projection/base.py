@@ -1,0 +1,70 @@
+"""The projector protocol and the registry of projectors selectable by name."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class Projector(Protocol):
+    """Maps per-example gradients ``(B, p)`` to features ``(B, k)``, both float32.
+
+    ``group_rows`` is the number of gradient rows the caller should gather before one
+    :meth:`project` call: 1 when the projection is cached (project every batch), more when
+    it is generated block by block, so that it is generated once per group, not per batch.
+    """
+
+    k: int
+    group_rows: int
+
+    def project(self, grads: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class ProjectorConfig(Protocol):
+    """A projector *kind* with its options; builds one projector per model index."""
+
+    def spec(self, k: int) -> dict[str, Any]:
+        """JSON-able identity of the projection, stored in and checked against the store."""
+        ...
+
+    def output_dim(self, k: int, num_params: int) -> int:
+        """The feature dimension the projector produces for a requested ``k``."""
+        ...
+
+    def build(
+        self,
+        param_numels: dict[str, int],
+        k: int,
+        seed: int,
+        model_id: int,
+        device: torch.device,
+    ) -> Projector: ...
+
+
+def resolve_projector(projector: str | ProjectorConfig) -> ProjectorConfig:
+    """Turn a projector name (``"dense"``, ``"identity"``) or config instance into a config."""
+    from fasttrak.projection.dense import Dense
+    from fasttrak.projection.identity import Identity
+
+    by_name: dict[str, ProjectorConfig] = {"dense": Dense(), "identity": Identity()}
+    if isinstance(projector, str):
+        if projector not in by_name:
+            raise ValueError(
+                f"unknown projector {projector!r}; choose one of {sorted(by_name)} "
+                "or pass a configured instance such as ft.projection.Dense(distribution='gaussian')"
+            )
+        return by_name[projector]
+    if isinstance(projector, type):
+        raise TypeError(
+            f"projector={projector.__name__} is a class; pass an instance, "
+            f"e.g. projector={projector.__name__}()"
+        )
+    if not isinstance(projector, ProjectorConfig):
+        raise TypeError(
+            f"projector must be a name or a projector config, got {type(projector).__name__}"
+        )
+    return projector

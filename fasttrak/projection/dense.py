@@ -1,0 +1,177 @@
+"""Dense random projection: features = grads @ P with P of shape (p, k).
+
+Entries are i.i.d. Rademacher (+-1) or standard Gaussian, scaled by 1/sqrt(k) so that
+E[P Pᵀ] = I: inner products and norms are preserved in expectation.
+
+P is a pure function of (seed, model index, parameter name, coordinate): the rows of P
+that belong to parameter ``name`` are generated in fixed tiles of ``TILE_ROWS`` coordinates,
+each from a CPU generator seeded by a hash of (seed, model_id, name, tile index). The matrix
+is therefore identical on every device and for every batch size, and can be generated in
+any order or block size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+TILE_ROWS = 1024
+"""Parameter coordinates per independently seeded tile of P (part of the projection's identity)."""
+
+Distribution = Literal["rademacher", "gaussian"]
+
+
+def projection_seed(seed: int, model_id: int, name: str, tile: int) -> int:
+    """A stable 63-bit seed for one tile of P (blake2b; independent of Python's hash salt)."""
+    digest = hashlib.blake2b(f"{seed}/{model_id}/{name}/{tile}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def generate_tile(rows: int, k: int, distribution: Distribution, seed: int) -> Tensor:
+    """One (rows, k) float32 tile of P on the CPU, already scaled by 1/sqrt(k)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if distribution == "rademacher":
+        tile = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8).float()
+        tile.mul_(2.0 / math.sqrt(k)).sub_(1.0 / math.sqrt(k))
+    elif distribution == "gaussian":
+        tile = torch.randn((rows, k), generator=gen).mul_(1.0 / math.sqrt(k))
+    else:
+        raise ValueError(f"unknown distribution {distribution!r}; use 'rademacher' or 'gaussian'")
+    return tile
+
+
+@dataclass(frozen=True)
+class _Tile:
+    name: str
+    index: int
+    start: int  # first row of this tile in the flattened gradient
+    rows: int
+
+
+@dataclass
+class DenseProjector:
+    """Projects (B, p) gradients to (B, k) with a dense random matrix.
+
+    The matrix is generated once and kept on ``device`` when p * k * 4 bytes fit in
+    ``cache_bytes``; otherwise it is generated tile by tile on every :meth:`project` call,
+    and the caller gathers ``group_rows`` gradient rows per call so that generation is
+    amortised over many examples (bounded by ``group_bytes`` of gradients).
+    """
+
+    param_numels: dict[str, int]
+    k: int
+    seed: int = 0
+    model_id: int = 0
+    kind: Distribution = "rademacher"
+    device: torch.device | str = "cpu"
+    cache_bytes: int = 2**30
+    group_bytes: int = 2**30
+    _matrix: Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"proj_dim must be >= 1, got {self.k}")
+        self.device = torch.device(self.device)
+        self.num_params = sum(self.param_numels.values())
+        self._tiles: list[_Tile] = []
+        start = 0
+        for name, numel in self.param_numels.items():
+            for index in range(math.ceil(numel / TILE_ROWS)):
+                rows = min(TILE_ROWS, numel - index * TILE_ROWS)
+                self._tiles.append(_Tile(name, index, start, rows))
+                start += rows
+
+    @property
+    def cached(self) -> bool:
+        return self.num_params * self.k * 4 <= self.cache_bytes
+
+    @property
+    def group_rows(self) -> int:
+        if self.cached:
+            return 1
+        return max(1, self.group_bytes // (4 * self.num_params))
+
+    def _tile(self, tile: _Tile) -> Tensor:
+        seed = projection_seed(self.seed, self.model_id, tile.name, tile.index)
+        return generate_tile(tile.rows, self.k, self.kind, seed)
+
+    def matrix(self) -> Tensor:
+        """The full (p, k) float32 matrix on ``device`` (built once, then cached)."""
+        if self._matrix is None:
+            full = torch.empty((self.num_params, self.k), dtype=torch.float32)
+            for tile in self._tiles:
+                full[tile.start : tile.start + tile.rows] = self._tile(tile)
+            self._matrix = full.to(self.device)
+        return self._matrix
+
+    def project(self, grads: Tensor) -> Tensor:
+        """grads (B, p) -> features (B, k), float32, on ``device``."""
+        if grads.ndim != 2 or grads.shape[1] != self.num_params:
+            raise ValueError(
+                f"expected gradients of shape (B, {self.num_params}), got {tuple(grads.shape)}"
+            )
+        grads = grads.to(device=self.device, dtype=torch.float32)
+        if self.cached:
+            return grads @ self.matrix()
+        out = torch.zeros((grads.shape[0], self.k), dtype=torch.float32, device=self.device)
+        rows_per_block = max(TILE_ROWS, self.cache_bytes // (4 * self.k))
+        block: list[_Tile] = []
+        for tile in self._tiles + [None]:  # type: ignore[list-item]
+            if tile is not None and sum(t.rows for t in block) + tile.rows <= rows_per_block:
+                block.append(tile)
+                continue
+            if block:
+                start, stop = block[0].start, block[-1].start + block[-1].rows
+                p_block = torch.cat([self._tile(t) for t in block]).to(self.device)
+                out.addmm_(grads[:, start:stop], p_block)
+            block = [tile] if tile is not None else []
+        return out
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Dense Rademacher (default) or Gaussian projection, the reference TRAK projection.
+
+    ``cache_bytes``: keep the whole (p, k) matrix in memory when it fits (default 1 GiB);
+    otherwise it is streamed in blocks of at most that size.
+    """
+
+    distribution: Distribution = "rademacher"
+    cache_bytes: int = 2**30
+
+    def __post_init__(self) -> None:
+        if self.distribution not in ("rademacher", "gaussian"):
+            raise ValueError(
+                f"unknown distribution {self.distribution!r}; use 'rademacher' or 'gaussian'"
+            )
+
+    def spec(self, k: int) -> dict[str, Any]:
+        return {
+            "kind": "dense",
+            "distribution": self.distribution,
+            "k": k,
+            "tile_rows": TILE_ROWS,
+            "version": 1,
+        }
+
+    def output_dim(self, k: int, num_params: int) -> int:
+        return k
+
+    def build(
+        self, param_numels: dict[str, int], k: int, seed: int, model_id: int, device: torch.device
+    ) -> DenseProjector:
+        return DenseProjector(
+            dict(param_numels),
+            k=k,
+            seed=seed,
+            model_id=model_id,
+            kind=self.distribution,
+            device=device,
+            cache_bytes=self.cache_bytes,
+            group_bytes=self.cache_bytes,
+        )

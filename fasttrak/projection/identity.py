@@ -1,0 +1,39 @@
+"""No projection: features are the raw gradients (k = p). Exact, for small models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class IdentityProjector:
+    k: int
+    group_rows: int = 1
+
+    def project(self, grads: Tensor) -> Tensor:
+        """grads (B, p) -> the same (B, p) float32."""
+        if grads.shape[1] != self.k:
+            raise ValueError(
+                f"identity projector expects {self.k} gradient columns, got {grads.shape[1]}"
+            )
+        return grads.float()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Use the full gradient as the feature (``proj_dim`` is ignored; k = p)."""
+
+    def spec(self, k: int) -> dict[str, Any]:
+        return {"kind": "identity", "version": 1}
+
+    def output_dim(self, k: int, num_params: int) -> int:
+        return num_params
+
+    def build(
+        self, param_numels: dict[str, int], k: int, seed: int, model_id: int, device: torch.device
+    ) -> IdentityProjector:
+        return IdentityProjector(k=sum(param_numels.values()))

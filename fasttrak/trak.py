@@ -1,0 +1,325 @@
+"""``TRAK``: drives featurize, finalize and score over checkpoints and row chunks.
+
+This is the only module that knows models, tasks, projections and the store together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from fasttrak import kernel
+from fasttrak.checkpoints import Checkpoint, fingerprint, load_state
+from fasttrak.data import Rows, as_rows, to_device
+from fasttrak.errors import NonFiniteGradientError, NotFeaturizedError
+from fasttrak.gradients import ParamSpec, VmapGradients, select_parameters
+from fasttrak.projection import Projector, ProjectorConfig, resolve_projector
+from fasttrak.scoring import Scores
+from fasttrak.store import FEATURE_DTYPES, Store
+from fasttrak.tasks import ImageClassification, Task
+
+
+class TRAK:
+    """TRAK attribution for a PyTorch model.
+
+    Args:
+        model: the architecture; its weights come from the checkpoints given to
+            :meth:`featurize` (the model itself is never modified).
+        task: what is attributed (default :class:`~fasttrak.tasks.ImageClassification`).
+        proj_dim: k, the projected feature dimension.
+        projector: ``"dense"`` (Rademacher), ``"identity"`` (no projection, k = p) or a
+            configured instance such as ``ft.projection.Dense(distribution="gaussian")``.
+        store: a directory for the zarr store (resumable), or None to keep it in memory.
+        device: where gradients and projections are computed.
+        seed: seed of the random projection (features are a pure function of it).
+        params: which parameters are differentiated: None (all trainable), names or globs,
+            submodules or module types.
+        batch_size: examples per gradient batch.
+        chunk_rows: training rows per store chunk, the unit of resumable work
+            (default 512; taken from the store when it exists).
+        feature_dtype: ``"float32"`` or ``"float16"`` storage of the features.
+        ridge: relative ridge, λ = ridge · trace(Φᵀ Φ) / k (default
+            :data:`fasttrak.kernel.DEFAULT_RIDGE`).
+        precision: ``"float32"`` or ``"float64"`` products when building the kernel
+            (always summed in float64).
+        vmap_chunk_size: examples per vmap call inside a batch (bounds activation memory).
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task | None = None,
+        proj_dim: int = 2048,
+        projector: str | ProjectorConfig = "dense",
+        store: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        params: ParamSpec = None,
+        batch_size: int = 64,
+        chunk_rows: int | None = None,
+        feature_dtype: str = "float32",
+        ridge: float = kernel.DEFAULT_RIDGE,
+        precision: kernel.Precision = "float32",
+        vmap_chunk_size: int | None = 32,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(task, type):
+            raise TypeError(f"task={task.__name__} is a class; pass an instance: {task.__name__}()")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(
+                f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}"
+            )
+        if batch_size < 1 or proj_dim < 1:
+            raise ValueError("batch_size and proj_dim must be positive")
+        self.model = model
+        self.task: Task = task if task is not None else ImageClassification()
+        self.device = torch.device(device)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.ridge = ridge
+        self.precision = precision
+        self.progress = progress
+        self.selected = select_parameters(model, params)
+        named = dict(model.named_parameters())
+        self.param_numels = {name: named[name].numel() for name in self.selected}
+        self.projector_config = resolve_projector(projector)
+        self.k = self.projector_config.output_dim(proj_dim, sum(self.param_numels.values()))
+        meta = {
+            "task": self.task.spec(),
+            "projector": self.projector_config.spec(self.k),
+            "seed": seed,
+            "k": self.k,
+            "params": {name: list(named[name].shape) for name in self.selected},
+            "feature_dtype": feature_dtype,
+        }
+        existing = Store.open(store, meta) if store is not None and _has_store(store) else None
+        rows = chunk_rows if chunk_rows is not None else (existing.chunk_rows if existing else 512)
+        self.store = Store.open(store, {**meta, "chunk_rows": rows})
+        self.engine = VmapGradients(model, self.task, self.selected, vmap_chunk_size)
+        self._states: list[dict[str, Tensor]] = []
+        self._projectors: dict[int, Projector] = {}
+
+    # ------------------------------------------------------------------ featurize
+    def featurize(
+        self,
+        train_set: Any,
+        checkpoints: Sequence[Checkpoint] | None = None,
+        batch_size: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Compute and store features Φ_m and Q_m of every training example for each checkpoint.
+
+        Resumable: chunks already finished in the store are skipped. A checkpoint index that
+        was featurized from other weights is an error unless ``overwrite=True``.
+        """
+        rows = as_rows(train_set, batch_size or self.batch_size)
+        n = len(rows)
+        if n == 0:
+            raise ValueError("the training set is empty; pass a dataset with at least one example")
+        states = self._load_states(checkpoints)
+        self._check_first_batch(rows, states[0])
+        if self.store.num_train is not None and self.store.num_train != n:
+            self.store.set_num_train(n)  # raises StoreMismatchError
+        prints = [fingerprint(state) for state in states]
+        self.store.set_num_train(n)
+        for m, (state, print_) in enumerate(zip(states, prints, strict=True)):
+            ck = self.store.open_checkpoint(m, print_, overwrite)
+            pending = ck.pending_chunks()
+            if not pending:
+                continue
+            total = sum(ck.chunk_slice(c).stop - ck.chunk_slice(c).start for c in pending)
+            bar = tqdm(
+                total=total,
+                desc=f"featurize model {m + 1}/{len(states)}",
+                unit="ex",
+                disable=not self.progress,
+                leave=False,
+            )
+            with bar, self._eval_mode():
+                device_state = self._to_device(state)
+                for c in pending:
+                    phi, q = self._features(rows, ck.chunk_slice(c), device_state, m, bar)
+                    ck.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy())
+        self._states = states
+
+    def _features(
+        self, rows: Rows, chunk: slice, state: dict[str, Tensor], m: int, bar: Any = None
+    ) -> tuple[Tensor, Tensor]:
+        """Features (rows, k) and Q (rows,) of one row range for checkpoint m."""
+        projector = self._projector(m)
+        feats: list[Tensor] = []
+        qs: list[Tensor] = []
+        group: list[Tensor] = []
+        group_size = 0
+        for where, batch in rows.batches(chunk):
+            batch = to_device(batch, self.device)
+            self.task.check_batch(batch)
+            with torch.no_grad():
+                qs.append(self.task.out_to_loss(self._forward(state), batch).float())
+            grads = self.engine(state, batch)
+            bad = ~torch.isfinite(grads).all(dim=1)
+            if bad.any():
+                rows_bad = (torch.nonzero(bad)[:, 0] + where.start).tolist()
+                raise NonFiniteGradientError(
+                    f"training rows {rows_bad[:10]} have NaN or infinite gradients for model "
+                    f"{m}; check those examples' inputs and that the checkpoint has not "
+                    "diverged (its loss is finite)"
+                )
+            group.append(grads)
+            group_size += grads.shape[0]
+            if group_size >= projector.group_rows:
+                feats.append(projector.project(torch.cat(group)))
+                group, group_size = [], 0
+            if bar is not None:
+                bar.update(grads.shape[0])
+        if group:
+            feats.append(projector.project(torch.cat(group)))
+        return torch.cat(feats), torch.cat(qs)
+
+    # ------------------------------------------------------------------ finalize
+    def finalize(self) -> None:
+        """Build (or load) the kernel factor of every checkpoint in the store."""
+        for m in self._complete_checkpoints():
+            self._factor(m)
+
+    def _factor(self, m: int) -> np.ndarray:
+        ck = self.store.checkpoint(m)
+        assert ck is not None
+        ridge_key = {"ridge": self.ridge, "relative_to": "trace/k"}
+        factor = ck.read_factor(ridge_key)
+        if factor is None:
+            gram = ck.read_gram()
+            if gram is None:
+                blocks = (ck.features[ck.chunk_slice(c)] for c in range(ck.num_chunks))
+                gram = kernel.gram(blocks, self.k, self.precision)
+                ck.write_gram(gram)
+            factor = kernel.cholesky_factor(gram, self.ridge)
+            ck.write_factor(factor, ridge_key)
+        return factor
+
+    def _complete_checkpoints(self) -> list[int]:
+        ids = self.store.checkpoint_ids()
+        if not ids:
+            raise NotFeaturizedError(
+                "nothing is featurized yet: call trak.featurize(train_set, checkpoints=[...]) first"
+            )
+        for m in ids:
+            ck = self.store.checkpoint(m)
+            assert ck is not None
+            left = len(ck.pending_chunks())
+            if left:
+                raise NotFeaturizedError(
+                    f"model {m} has {left} unfinished chunk(s) of training features; rerun "
+                    "trak.featurize(...) with the same data and checkpoints to finish them"
+                )
+        return ids
+
+    # ------------------------------------------------------------------ score
+    def score(
+        self,
+        targets: Any,
+        checkpoints: Sequence[Checkpoint] | None = None,
+        batch_size: int | None = None,
+    ) -> Scores:
+        """Scores of every training example for each target: ``(n_targets, n_train)``.
+
+        Uses the checkpoints of the last :meth:`featurize` call, or ``checkpoints`` (which
+        must be the ones the store was featurized with, in the same order).
+        """
+        ids = self._complete_checkpoints()
+        if checkpoints is not None:
+            states = self._load_states(checkpoints)
+        elif self._states:
+            states = self._states
+        else:
+            raise NotFeaturizedError(
+                "this TRAK object has not featurized anything: pass checkpoints= to score on an "
+                "existing store, or call featurize first"
+            )
+        if len(states) != len(ids):
+            raise ValueError(
+                f"the store holds features of {len(ids)} models but {len(states)} checkpoints "
+                "were given; pass all of them, in the order they were featurized"
+            )
+        for m, state in zip(ids, states, strict=True):
+            ck = self.store.checkpoint(m)
+            assert ck is not None
+            if ck.fingerprint != fingerprint(state):
+                from fasttrak.errors import CheckpointMismatchError
+
+                raise CheckpointMismatchError(
+                    f"checkpoint {m} differs from the one whose training features are stored; "
+                    "pass the same checkpoints, in the same order, as to featurize"
+                )
+        target_rows = as_rows(targets, batch_size or self.batch_size)
+        if len(target_rows) == 0:
+            raise ValueError("the target set is empty; pass at least one target example")
+        self._check_first_batch(target_rows, states[0])
+        solved = []
+        with self._eval_mode():
+            for m, state in zip(ids, states, strict=True):
+                phi, _ = self._features(
+                    target_rows, slice(0, len(target_rows)), self._to_device(state), m
+                )
+                solved.append(kernel.solve(self._factor(m), phi.cpu().T))
+        cks = [self.store.checkpoint(m) for m in ids]
+        return Scores(cks, solved, block_rows=self.store.chunk_rows)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ helpers
+    def _projector(self, m: int) -> Projector:
+        if m not in self._projectors:
+            self._projectors[m] = self.projector_config.build(
+                self.param_numels, self.k, self.seed, m, self.device
+            )
+        return self._projectors[m]
+
+    def _load_states(self, checkpoints: Sequence[Checkpoint] | None) -> list[dict[str, Tensor]]:
+        if checkpoints is None:
+            return [load_state(self.model, None)]
+        if isinstance(checkpoints, (str, Path)) or isinstance(checkpoints, dict):
+            raise TypeError("checkpoints= takes a list of checkpoints; wrap a single one: [ckpt]")
+        if len(checkpoints) == 0:
+            raise ValueError("checkpoints= is empty; pass at least one state dict or path")
+        return [load_state(self.model, c) for c in checkpoints]
+
+    def _to_device(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: t.to(self.device) for name, t in state.items()}
+
+    def _forward(self, state: dict[str, Tensor]) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, state, args, kwargs)
+
+        return forward
+
+    def _check_first_batch(self, rows: Rows, state: dict[str, Tensor]) -> None:
+        """Validate the data's form on one small batch before anything is written."""
+        _, batch = next(rows.batches(slice(0, min(len(rows), 2))))
+        batch = to_device(batch, self.device)
+        self.task.check_batch(batch)
+        with torch.no_grad(), self._eval_mode():
+            self.task.out_to_loss(self._forward(self._to_device(state)), batch)
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+
+
+def _has_store(location: str | Path) -> bool:
+    return (Path(location) / "zarr.json").exists()
