@@ -10,11 +10,14 @@ Measurements
     (``TRAKer.load_checkpoint`` + ``TRAKer.featurize`` per batch, with an explicit float32
     Rademacher ``BasicProjector``), same model, data, batch size and projection dimension
     ``k``, in the same process. Each package is warmed up once on one batch (a separate
-    instance) before the timed run. The timed run includes everything ``featurize`` does,
-    in particular building the projection matrix for that checkpoint. The ``*_breakdown``
-    fields say where the time went (per-example gradients, projection, and within
-    projection, generating the random matrix), measured by wrapping those methods with
-    timers during the timed run.
+    instance), then timed ``--repeat`` times, interleaved, and the best run is kept (other
+    processes on a shared machine only ever slow a run down; all runs are in ``*_runs``).
+    A timed run covers everything from constructing the ``TRAK``/``TRAKer`` object to the
+    last feature written, in particular generating the projection matrix for that
+    checkpoint. The ``*_breakdown`` fields say where the time went (per-example gradients,
+    ``project()``, and within it, generating the random matrix), measured by wrapping those
+    methods with timers during the timed run; traker's ``project()`` also flattens the
+    per-parameter gradient dict into a ``(B, p)`` matrix.
 ``projection``
     GFLOP/s (``2 * B * p * k / seconds``, median of several repetitions) of fasttrak's
     ``DenseProjector.project`` on a random ``(B, p)`` float32 gradient block (matrix already
@@ -35,6 +38,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -206,11 +210,14 @@ def fasttrak_featurize(
         trak.featurize(data, checkpoints=[checkpoint], batch_size=batch_size)
 
 
+def warm_fasttrak(model_name: str, data: TensorDataset, k: int, batch_size: int) -> None:
+    warm = Subset(data, range(min(batch_size, len(data))))
+    fasttrak_featurize(make_model(model_name), warm, k, batch_size, None)
+
+
 def time_fasttrak(
     model_name: str, data: TensorDataset, k: int, batch_size: int
 ) -> tuple[float, dict[str, float]]:
-    warm = Subset(data, range(min(batch_size, len(data))))
-    fasttrak_featurize(make_model(model_name), warm, k, batch_size, None)
     model = make_model(model_name)
     timers = Timers()
     t0 = time.perf_counter()
@@ -265,19 +272,19 @@ def trak_featurize(
         traker.featurize(batch=(x[start:stop], y[start:stop]), num_samples=stop - start)
 
 
-def time_trak(
-    model_name: str, data: TensorDataset, k: int, batch_size: int
-) -> tuple[float, dict[str, float]]:
+def warm_trak(model_name: str, data: TensorDataset, k: int, batch_size: int) -> None:
     x, y = data.tensors
     warm = TensorDataset(x[:batch_size], y[:batch_size])
     with tempfile.TemporaryDirectory() as d:
         trak_featurize(make_model(model_name), warm, k, batch_size, d, None)
+
+
+def time_trak(
+    model_name: str, data: TensorDataset, k: int, batch_size: int
+) -> tuple[float, dict[str, float]]:
     with tempfile.TemporaryDirectory() as d:
         model = make_model(model_name)
         timers = Timers()
-        # TRAKer.__init__ (which generates the first projection block) is outside the timed
-        # region for traker; only load_checkpoint + featurize are timed. The matrix_gen
-        # timer still counts that first block.
         t0 = time.perf_counter()
         trak_featurize(model, data, k, batch_size, d, timers)
         total = time.perf_counter() - t0
@@ -399,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="proj dims (512 2048)")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--reps", type=int, default=None, help="projection repetitions (5)")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="timed featurize runs per package, best kept (2)"
+    )
     parser.add_argument("--no-trak", action="store_true", help="skip the traker reference")
     args = parser.parse_args(argv)
 
@@ -406,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     batch_size = args.batch_size or (64 if args.quick else 128)
     ks = args.ks or ([512] if args.quick else [512, 2048])
     reps = args.reps or (2 if args.quick else 5)
+    repeat = args.repeat or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     use_trak = _trak is not None and not args.no_trak
     trak_note = None
@@ -441,18 +452,28 @@ def main(argv: list[str] | None = None) -> None:
                 "threads": torch.get_num_threads(),
             }
             notes = []
-            if ft is not None and hasattr(ft, "TRAK"):
-                rate, bd = time_fasttrak(model_name, data, k, batch_size)
-                row["fasttrak_ex_per_s"] = round(rate, 1)
-                row["fasttrak_breakdown"] = bd
-            else:
+            have_ft = ft is not None and hasattr(ft, "TRAK")
+            if not have_ft:
                 notes.append(f"fasttrak.TRAK not available: {FT_IMPORT_ERROR}")
-            if use_trak:
-                rate, bd = time_trak(model_name, data, k, batch_size)
-                row["trak_ex_per_s"] = round(rate, 1)
-                row["trak_breakdown"] = bd
-            else:
+            if not use_trak:
                 notes.append(trak_note)
+            runs: dict[str, list[tuple[float, dict[str, float]]]] = {"fasttrak": [], "trak": []}
+            if have_ft:
+                warm_fasttrak(model_name, data, k, batch_size)
+            if use_trak:
+                warm_trak(model_name, data, k, batch_size)
+            row["loadavg_1min"] = round(os.getloadavg()[0], 2)
+            for _ in range(repeat):  # interleaved, so that background load hits both alike
+                if have_ft:
+                    runs["fasttrak"].append(time_fasttrak(model_name, data, k, batch_size))
+                if use_trak:
+                    runs["trak"].append(time_trak(model_name, data, k, batch_size))
+            for pkg, results in runs.items():
+                if results:
+                    rate, bd = max(results, key=lambda r: r[0])
+                    row[f"{pkg}_ex_per_s"] = round(rate, 1)
+                    row[f"{pkg}_runs_ex_per_s"] = [round(r[0], 1) for r in results]
+                    row[f"{pkg}_breakdown"] = bd
             if row["fasttrak_ex_per_s"] and row["trak_ex_per_s"]:
                 row["speedup"] = round(row["fasttrak_ex_per_s"] / row["trak_ex_per_s"], 2)
             if notes:

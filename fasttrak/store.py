@@ -187,7 +187,13 @@ class CheckpointStore:
         expected = rows.stop - rows.start
         if features.shape != (expected, self.features.shape[1]) or q.shape != (expected,):
             raise ValueError(f"chunk {c} needs {expected} rows, got {features.shape}, {q.shape}")
-        self.features[rows] = features.astype(self.features.dtype)
+        stored = features.astype(self.features.dtype)
+        if not np.isfinite(stored).all():
+            raise FloatingPointError(
+                f"features of chunk {c} overflow {self.features.dtype}; "
+                "use feature_dtype='float32' (the default)"
+            )
+        self.features[rows] = stored
         self.q[rows] = q.astype(np.float32)
         self.group["done"][c] = 1
 

@@ -168,7 +168,7 @@ class TRAK:
             with torch.no_grad():
                 qs.append(self.task.out_to_loss(self._forward(state), batch).float())
             grads = self.engine(state, batch)
-            bad = ~torch.isfinite(grads).all(dim=1)
+            bad = ~(torch.isfinite(grads).all(dim=1) & torch.isfinite(qs[-1]))
             if bad.any():
                 rows_bad = (torch.nonzero(bad)[:, 0] + where.start).tolist()
                 raise NonFiniteGradientError(

@@ -1,0 +1,94 @@
+"""The whole estimator against its float64 closed form, with no projection (k = p)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import loop_gradients, make_data, make_mlp
+
+import fasttrak as ft
+from fasttrak.gradients import select_parameters
+
+
+def closed_form(models, x_train, y_train, x_target, y_target, ridge):
+    """score(t, i) = mean_m Q_m,i · mean_m φ_m(t)ᵀ (Φ_mᵀ Φ_m + λ_m I)⁻¹ φ_m(i), in float64."""
+    n = x_train.shape[0]
+    total = np.zeros((x_target.shape[0], n))
+    q = np.zeros(n)
+    for model in models:
+        names = select_parameters(model)
+        phi = loop_gradients(model, x_train, y_train, names).numpy()
+        phi_t = loop_gradients(model, x_target, y_target, names).numpy()
+        gram = phi.T @ phi
+        lam = ridge * np.trace(gram) / gram.shape[0]
+        total += phi_t @ np.linalg.solve(gram + lam * np.eye(gram.shape[0]), phi.T)
+        with torch.no_grad():
+            logits = model.double()(x_train.double())
+            p = torch.softmax(logits, 1)[torch.arange(n), y_train].numpy()
+            model.float()
+        q += 1 - p
+    return (q / len(models))[None, :] * total / len(models), phi
+
+
+@pytest.mark.parametrize("num_models", [1, 3])
+def test_scores_equal_float64_closed_form(num_models):
+    models = [make_mlp(seed=s) for s in range(num_models)]
+    x, y = make_data(40, seed=1)
+    xt, yt = make_data(6, seed=2)
+    ridge = 1e-3
+    trak = ft.TRAK(
+        make_mlp(),
+        projector="identity",
+        ridge=ridge,
+        precision="float64",
+        chunk_rows=16,
+        batch_size=7,
+        progress=False,
+    )
+    trak.featurize((x, y), checkpoints=[m.state_dict() for m in models])
+    scores = np.asarray(trak.score((xt, yt)))
+    expected, phi_last = closed_form(models, x, y, xt, yt, ridge)
+    assert scores.shape == (6, 40) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
+
+    # The stored features and kernel of the last model are the exact ones too.
+    ck = trak.store.checkpoint(num_models - 1)
+    np.testing.assert_allclose(ck.features[:], phi_last, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ck.read_gram(), phi_last.T @ phi_last, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_ridge_on_a_singular_kernel_says_to_raise_it():
+    """Margin gradients of the last-layer bias sum to zero, so Φᵀ Φ is singular."""
+    model = make_mlp()
+    x, y = make_data(120, seed=3)
+    trak = ft.TRAK(model, projector="identity", ridge=0.0, precision="float64", progress=False)
+    trak.featurize((x, y))
+    with pytest.raises(np.linalg.LinAlgError, match="increase ridge"):
+        trak.score((x[:2], y[:2]))
+
+
+def test_topk_agrees_with_dense_sort():
+    model = make_mlp()
+    x, y = make_data(50, seed=5)
+    trak = ft.TRAK(model, proj_dim=16, chunk_rows=8, progress=False)
+    trak.featurize((x, y))
+    scores = trak.score((x[:5], y[:5]))
+    top = scores.topk(4)  # streamed over blocks, before the dense matrix exists
+    dense = np.asarray(scores)
+    np.testing.assert_array_equal(top.proponents, np.argsort(-dense, axis=1)[:, :4])
+    np.testing.assert_array_equal(top.opponents, np.argsort(dense, axis=1)[:, :4])
+    np.testing.assert_allclose(top.proponent_scores, -np.sort(-dense, axis=1)[:, :4])
+    np.testing.assert_allclose(top.opponent_scores, np.sort(dense, axis=1)[:, :4])
+    with pytest.raises(ValueError, match="k must be"):
+        scores.topk(51)
+
+
+def test_scores_save_writes_the_dense_matrix(tmp_path):
+    model = make_mlp()
+    x, y = make_data(30, seed=6)
+    trak = ft.TRAK(model, proj_dim=8, chunk_rows=7, progress=False)
+    trak.featurize((x, y))
+    scores = trak.score((x[:3], y[:3]))
+    saved = scores.save(tmp_path / "scores.zarr")
+    np.testing.assert_allclose(saved[:], np.asarray(scores))

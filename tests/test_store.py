@@ -1,0 +1,150 @@
+"""The store: resume after a kill, metadata checks, never losing finished work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import make_data, make_mlp
+from resume_child import CHUNK_ROWS, N, SlowData, make_model, make_trak
+
+import fasttrak as ft
+
+HERE = Path(__file__).parent
+
+
+def done_chunks(store: Path) -> int:
+    try:
+        return int(zarr.open_group(str(store), mode="r")["checkpoints/0/done"][:].sum())
+    except (KeyError, FileNotFoundError, ValueError):
+        return 0
+
+
+def test_killed_featurize_resumes_to_an_identical_store(tmp_path):
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    child = subprocess.Popen(
+        [sys.executable, str(HERE / "resume_child.py"), str(killed), "0.02"], cwd=HERE
+    )
+    deadline = time.time() + 120
+    while done_chunks(killed) < 3 and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    finished_before = done_chunks(killed)
+    total_chunks = N // CHUNK_ROWS
+    assert 3 <= finished_before < total_chunks, "the child must die in the middle of the run"
+
+    data = SlowData()
+    make_trak(str(killed)).featurize(data, checkpoints=[make_model().state_dict()])
+    # Only unfinished chunks were recomputed (plus the 2-row format check on row 0 and 1).
+    assert len(data.loaded) == N - finished_before * CHUNK_ROWS + 2
+    make_trak(str(fresh)).featurize(SlowData(), checkpoints=[make_model().state_dict()])
+
+    a = zarr.open_group(str(killed), mode="r")["checkpoints/0"]
+    b = zarr.open_group(str(fresh), mode="r")["checkpoints/0"]
+    np.testing.assert_array_equal(a["features"][:], b["features"][:])
+    np.testing.assert_array_equal(a["q"][:], b["q"][:])
+    assert a["done"][:].all() and b["done"][:].all()
+
+
+def test_a_finished_store_is_not_recomputed(tmp_path):
+    make_trak(str(tmp_path)).featurize(SlowData(), checkpoints=[make_model().state_dict()])
+    data = SlowData()
+    make_trak(str(tmp_path)).featurize(data, checkpoints=[make_model().state_dict()])
+    assert len(data.loaded) == 2  # only the format check
+
+
+def test_score_on_a_reopened_store_with_checkpoints(tmp_path):
+    x, y = make_data(30)
+    model = make_mlp()
+    first = ft.TRAK(model, proj_dim=16, store=tmp_path, progress=False)
+    first.featurize((x, y), checkpoints=[model.state_dict()])
+    expected = np.asarray(first.score((x[:3], y[:3])))
+    again = ft.TRAK(model, proj_dim=16, store=tmp_path, progress=False)
+    np.testing.assert_array_equal(
+        np.asarray(again.score((x[:3], y[:3]), checkpoints=[model.state_dict()])), expected
+    )
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"proj_dim": 64}, "k: store has 32"),
+        ({"seed": 1}, "seed"),
+        ({"projector": "identity"}, "projector"),
+        ({"params": "2.*"}, "params"),
+        ({"feature_dtype": "float16"}, "feature_dtype"),
+    ],
+)
+def test_reopening_with_other_settings_is_an_error(tmp_path, change, words):
+    x, y = make_data(20)
+    settings = {"proj_dim": 32, "store": tmp_path, "progress": False}
+    ft.TRAK(make_mlp(), **settings).featurize((x, y))
+    with pytest.raises(ft.StoreMismatchError, match=words):
+        ft.TRAK(make_mlp(), **{**settings, **change})
+
+
+def test_reopening_with_another_model_shape_is_an_error(tmp_path):
+    x, y = make_data(20)
+    ft.TRAK(make_mlp(), proj_dim=32, store=tmp_path, progress=False).featurize((x, y))
+    with pytest.raises(ft.StoreMismatchError, match="params"):
+        ft.TRAK(make_mlp(hidden=6), proj_dim=32, store=tmp_path, progress=False)
+
+
+def test_another_training_set_size_is_an_error_and_keeps_the_store(tmp_path):
+    x, y = make_data(20)
+    model = make_mlp()
+    ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False).featurize((x, y))
+    before = zarr.open_group(str(tmp_path), mode="r")["checkpoints/0/features"][:]
+    with pytest.raises(ft.StoreMismatchError, match="20 examples"):
+        ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False).featurize((x[:10], y[:10]))
+    after = zarr.open_group(str(tmp_path), mode="r")["checkpoints/0/features"][:]
+    np.testing.assert_array_equal(before, after)
+
+
+def test_other_weights_at_a_stored_index_need_overwrite(tmp_path):
+    x, y = make_data(20)
+    model, other = make_mlp(seed=0), make_mlp(seed=1)
+    trak = ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False)
+    trak.featurize((x, y), checkpoints=[model.state_dict()])
+    before = trak.store.checkpoint(0).features[:]
+    with pytest.raises(ft.CheckpointMismatchError, match="overwrite=True"):
+        trak.featurize((x, y), checkpoints=[other.state_dict()])
+    np.testing.assert_array_equal(trak.store.checkpoint(0).features[:], before)
+    trak.featurize((x, y), checkpoints=[other.state_dict()], overwrite=True)
+    assert not np.array_equal(trak.store.checkpoint(0).features[:], before)
+    with pytest.raises(ft.CheckpointMismatchError, match="same checkpoints"):
+        trak.score((x[:2], y[:2]), checkpoints=[model.state_dict()])
+
+
+def test_float16_feature_storage_scores_close_to_float32():
+    x, y = make_data(60)
+    model = make_mlp()
+    results = []
+    for dtype in ("float32", "float16"):
+        trak = ft.TRAK(model, proj_dim=32, feature_dtype=dtype, progress=False)
+        trak.featurize((x, y))
+        assert trak.store.checkpoint(0).features.dtype == np.dtype(dtype)
+        results.append(np.asarray(trak.score((x[:4], y[:4]))))
+    scale = np.abs(results[0]).max()
+    np.testing.assert_allclose(results[1], results[0], atol=2e-2 * scale)
+
+
+def test_checkpoint_paths_load_safely(tmp_path):
+    x, y = make_data(20)
+    model = make_mlp()
+    path = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), path)
+    trak = ft.TRAK(model, proj_dim=8, progress=False)
+    trak.featurize((x, y), checkpoints=[path])
+    by_dict = ft.TRAK(model, proj_dim=8, progress=False)
+    by_dict.featurize((x, y), checkpoints=[model.state_dict()])
+    np.testing.assert_array_equal(
+        trak.store.checkpoint(0).features[:], by_dict.store.checkpoint(0).features[:]
+    )
