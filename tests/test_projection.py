@@ -34,7 +34,8 @@ def test_norms_and_inner_products_within_jl_bound(kind, k):
     px = proj.project(x).double()
     x = x.double()
     pairs = 40 * 41 / 2
-    # JL: with probability >= 1 - 1/pairs, every pairwise distortion <= eps, eps = sqrt(8 ln(pairs²) / k).
+    # JL: with probability >= 1 - 1/pairs every pairwise distortion is <= eps,
+    # eps = sqrt(8 ln(pairs²) / k).
     eps = math.sqrt(8 * math.log(pairs**2) / k)
     norms = (px**2).sum(1) / (x**2).sum(1)
     assert (norms - 1).abs().max() < eps
