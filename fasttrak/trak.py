@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from fasttrak import kernel
 from fasttrak.checkpoints import Checkpoint, fingerprint, load_state
 from fasttrak.data import Rows, as_rows, to_device
-from fasttrak.errors import NonFiniteGradientError, NotFeaturizedError
+from fasttrak.errors import CheckpointMismatchError, NonFiniteGradientError, NotFeaturizedError
 from fasttrak.gradients import ParamSpec, VmapGradients, select_parameters
 from fasttrak.projection import Projector, ProjectorConfig, resolve_projector
 from fasttrak.scoring import Scores
@@ -129,10 +129,8 @@ class TRAK:
             raise ValueError("the training set is empty; pass a dataset with at least one example")
         states = self._load_states(checkpoints)
         self._check_first_batch(rows, states[0])
-        if self.store.num_train is not None and self.store.num_train != n:
-            self.store.set_num_train(n)  # raises StoreMismatchError
         prints = [fingerprint(state) for state in states]
-        self.store.set_num_train(n)
+        self.store.set_num_train(n)  # records n, or raises StoreMismatchError for another n
         for m, (state, print_) in enumerate(zip(states, prints, strict=True)):
             ck = self.store.open_checkpoint(m, print_, overwrite)
             pending = ck.pending_chunks()
@@ -256,8 +254,6 @@ class TRAK:
             ck = self.store.checkpoint(m)
             assert ck is not None
             if ck.fingerprint != fingerprint(state):
-                from fasttrak.errors import CheckpointMismatchError
-
                 raise CheckpointMismatchError(
                     f"checkpoint {m} differs from the one whose training features are stored; "
                     "pass the same checkpoints, in the same order, as to featurize"
