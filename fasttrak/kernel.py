@@ -11,10 +11,10 @@ from torch import Tensor
 
 Precision = Literal["float32", "float64"]
 
-DEFAULT_RIDGE = 1e-2
-"""Default relative ridge: λ = ridge · trace(Φᵀ Φ) / k, i.e. a fraction of the mean eigenvalue.
-Scale-free (features may be rescaled freely) and large enough to keep the solve well posed
-when k > n. See docs/estimator.md for the LDS measurement behind it."""
+DEFAULT_RIDGE = 0.3
+"""Default relative ridge: λ = ridge · trace(Φᵀ Φ) / min(n, k), a fraction of the mean
+*nonzero* eigenvalue of the kernel (Φᵀ Φ has at most min(n, k) of them). Scale-free: features
+may be rescaled freely. Chosen from the LDS sweep in docs/estimator.md."""
 
 
 def gram(blocks: Iterable[np.ndarray], k: int, precision: Precision = "float32") -> np.ndarray:
@@ -28,15 +28,19 @@ def gram(blocks: Iterable[np.ndarray], k: int, precision: Precision = "float32")
     return total.numpy()
 
 
-def ridge_value(gram_matrix: np.ndarray, ridge: float) -> float:
-    """λ = ridge · trace(G) / k (absolute ridge added to the diagonal)."""
+def ridge_value(gram_matrix: np.ndarray, ridge: float, num_rows: int) -> float:
+    """λ = ridge · trace(G) / min(n, k): the absolute ridge added to the diagonal.
+
+    G = Φᵀ Φ (k, k) built from ``num_rows`` = n rows; trace(G) / min(n, k) is the mean of its
+    (at most min(n, k)) nonzero eigenvalues, so the best relative ridge does not drift with k.
+    """
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    return float(ridge * np.trace(gram_matrix) / gram_matrix.shape[0])
+    return float(ridge * np.trace(gram_matrix) / min(num_rows, gram_matrix.shape[0]))
 
 
-def cholesky_factor(gram_matrix: np.ndarray, ridge: float) -> np.ndarray:
-    """Lower Cholesky factor L of G + λ I in float64, λ = ``ridge_value(G, ridge)``."""
+def cholesky_factor(gram_matrix: np.ndarray, ridge: float, num_rows: int) -> np.ndarray:
+    """Lower Cholesky factor L of G + λ I in float64, λ = ``ridge_value(G, ridge, n)``."""
     if not np.isfinite(gram_matrix).all():
         raise FloatingPointError("the kernel has NaN/inf entries; the stored features are corrupt")
     if np.trace(gram_matrix) <= 0:
@@ -44,7 +48,7 @@ def cholesky_factor(gram_matrix: np.ndarray, ridge: float) -> np.ndarray:
             "every training feature is zero (the kernel's trace is 0): the selected parameters "
             "get no gradient; check params= and the model's output"
         )
-    lam = ridge_value(gram_matrix, ridge)
+    lam = ridge_value(gram_matrix, ridge, num_rows)
     matrix = torch.from_numpy(gram_matrix) + lam * torch.eye(
         gram_matrix.shape[0], dtype=torch.float64
     )

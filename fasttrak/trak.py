@@ -46,7 +46,7 @@ class TRAK:
         chunk_rows: training rows per store chunk, the unit of resumable work
             (default 512; taken from the store when it exists).
         feature_dtype: ``"float32"`` or ``"float16"`` storage of the features.
-        ridge: relative ridge, λ = ridge · trace(Φᵀ Φ) / k (default
+        ridge: relative ridge, λ = ridge · trace(Φᵀ Φ) / min(n, k) (default
             :data:`fasttrak.kernel.DEFAULT_RIDGE`).
         precision: ``"float32"`` or ``"float64"`` products when building the kernel
             (always summed in float64).
@@ -194,7 +194,7 @@ class TRAK:
     def _factor(self, m: int) -> np.ndarray:
         ck = self.store.checkpoint(m)
         assert ck is not None
-        ridge_key = {"ridge": self.ridge, "relative_to": "trace/k"}
+        ridge_key = {"ridge": self.ridge, "relative_to": "trace/min(n,k)"}
         factor = ck.read_factor(ridge_key)
         if factor is None:
             gram = ck.read_gram()
@@ -202,7 +202,7 @@ class TRAK:
                 blocks = (ck.features[ck.chunk_slice(c)] for c in range(ck.num_chunks))
                 gram = kernel.gram(blocks, self.k, self.precision)
                 ck.write_gram(gram)
-            factor = kernel.cholesky_factor(gram, self.ridge)
+            factor = kernel.cholesky_factor(gram, self.ridge, ck.features.shape[0])
             ck.write_factor(factor, ridge_key)
         return factor
 

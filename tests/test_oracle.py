@@ -21,7 +21,7 @@ def closed_form(models, x_train, y_train, x_target, y_target, ridge):
         phi = loop_gradients(model, x_train, y_train, names).numpy()
         phi_t = loop_gradients(model, x_target, y_target, names).numpy()
         gram = phi.T @ phi
-        lam = ridge * np.trace(gram) / gram.shape[0]
+        lam = ridge * np.trace(gram) / min(n, gram.shape[0])
         total += phi_t @ np.linalg.solve(gram + lam * np.eye(gram.shape[0]), phi.T)
         with torch.no_grad():
             logits = model.double()(x_train.double())

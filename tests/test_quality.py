@@ -1,0 +1,81 @@
+"""Quality: TRAK's LDS against a retrained ground truth on a convex problem from bundled data.
+
+Logistic regression on scikit-learn's breast-cancer data (400 train rows, 60 targets,
+standardised features). The ground truth retrains scikit-learn's LogisticRegression (C=0.1,
+converged, deterministic) on 100 random halves; TRAK scores the model trained on all rows.
+Measured on 2026-11-28 (see the thresholds below).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fasttrak as ft
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.datasets import load_breast_cancer  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def problem():
+    x, y = load_breast_cancer(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    order = np.random.default_rng(0).permutation(len(x))
+    train, target = order[:400], order[400:460]
+
+    def fit(mask: np.ndarray) -> LogisticRegression:
+        clf = LogisticRegression(C=0.1, max_iter=1000, tol=1e-10)
+        return clf.fit(x[train][mask], y[train][mask])
+
+    def margins(mask: np.ndarray, seed: int) -> np.ndarray:
+        decision = fit(mask).decision_function(x[target])
+        return np.where(y[target] == 1, decision, -decision)
+
+    masks = ft.evaluate.sample_subsets(400, 100, alpha=0.5, seed=1)
+    masks, outputs = ft.evaluate.retrain(margins, masks, progress=False)
+
+    clf = fit(np.ones(400, dtype=bool))
+    model = torch.nn.Linear(30, 2)  # logits (0, w·x + b): margin = ±(w·x + b), as sklearn's
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+        model.weight[1] = torch.tensor(clf.coef_[0])
+        model.bias[1] = float(clf.intercept_[0])
+    as_torch = {
+        "train": (torch.tensor(x[train], dtype=torch.float32), torch.tensor(y[train])),
+        "target": (torch.tensor(x[target], dtype=torch.float32), torch.tensor(y[target])),
+    }
+    return model, as_torch, masks, outputs
+
+
+def lds_of(problem, **options) -> ft.evaluate.LDSResult:
+    model, data, masks, outputs = problem
+    trak = ft.TRAK(model, progress=False, **options)
+    trak.featurize(data["train"])
+    return ft.evaluate.lds(trak.score(data["target"]), masks, outputs)
+
+
+def test_exact_trak_clears_its_measured_lds(problem):
+    """No projection (k = p = 62), default ridge: measured LDS 0.815 ± 0.019 over 60 targets.
+    The threshold 0.75 sits about 3 standard errors below; a trivial or broken estimator
+    scores near 0 (random) or 0.62 (a 30x smaller ridge, below)."""
+    result = lds_of(problem, projector="identity")
+    assert result.num_valid == 60
+    assert result.mean > 0.75, result
+
+
+def test_projected_trak_clears_its_measured_lds(problem):
+    """Dense Rademacher projection to k = 32 (from p = 62), seed 0: measured 0.842 ± 0.012."""
+    result = lds_of(problem, proj_dim=32)
+    assert result.mean > 0.78, result
+
+
+def test_default_ridge_beats_a_tiny_ridge(problem):
+    """The measured reason for the default (docs/estimator.md): ridge 0.01 scores 0.624 ± 0.027
+    here against 0.815 for the default 0.3 (paired on the same targets)."""
+    tiny = lds_of(problem, projector="identity", ridge=0.01)
+    default = lds_of(problem, projector="identity")
+    assert default.mean > tiny.mean + 0.1, (default, tiny)
