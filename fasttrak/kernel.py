@@ -11,7 +11,7 @@ from torch import Tensor
 
 Precision = Literal["float32", "float64"]
 
-DEFAULT_RIDGE = 0.3
+DEFAULT_RIDGE = 0.1
 """Default relative ridge: λ = ridge · trace(Φᵀ Φ) / min(n, k), a fraction of the mean
 *nonzero* eigenvalue of the kernel (Φᵀ Φ has at most min(n, k) of them). Scale-free: features
 may be rescaled freely. Chosen from the LDS sweep in docs/estimator.md."""
