@@ -62,6 +62,11 @@ class Store:
         return cls(root, None if location is None else str(location))
 
     @property
+    def where(self) -> str:
+        """How messages name this store."""
+        return "the in-memory store" if self.location is None else f"the store at {self.location}"
+
+    @property
     def meta(self) -> dict[str, Any]:
         return dict(self.root.attrs["fasttrak"])
 
@@ -87,7 +92,7 @@ class Store:
             self.root.attrs["fasttrak"] = {**self.meta, "n": n}
         elif known != n:
             raise StoreMismatchError(
-                f"the store at {self.location} was built for a training set of {known} examples, "
+                f"{self.where} was built for a training set of {known} examples, "
                 f"this one has {n}; use a new store path for another training set"
             )
 
@@ -134,7 +139,7 @@ class Store:
         if existing is not None and existing.fingerprint != fingerprint:
             if not overwrite:
                 raise CheckpointMismatchError(
-                    f"checkpoint {m} in the store at {self.location} was featurized from other "
+                    f"checkpoint {m} in {self.where} was featurized from other "
                     "weights; pass overwrite=True to replace its features, or use a new store"
                 )
             del self.root[f"checkpoints/{m}"]
@@ -229,7 +234,8 @@ def _check_meta(stored: dict[str, Any], wanted: dict[str, Any], location: Any) -
     ]
     if problems:
         raise StoreMismatchError(
-            f"the store at {location} was made by a different run ("
+            f"{'the in-memory store' if location is None else f'the store at {location}'} "
+            "was made by a different run ("
             + "; ".join(problems)
             + "); use a new store path, or the same settings as the run that made it"
         )

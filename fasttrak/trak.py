@@ -154,36 +154,57 @@ class TRAK:
     def _features(
         self, rows: Rows, chunk: slice, state: dict[str, Tensor], m: int, bar: Any = None
     ) -> tuple[Tensor, Tensor]:
-        """Features (rows, k) and Q (rows,) of one row range for checkpoint m."""
+        """Features (rows, k) and Q (rows,) of one row range for checkpoint m.
+
+        Gradients are projected per batch when the projection is cached, or gathered into
+        groups of ``projector.group_rows`` rows when it is generated block by block.
+        """
         projector = self._projector(m)
         feats: list[Tensor] = []
         qs: list[Tensor] = []
-        group: list[Tensor] = []
-        group_size = 0
+        group: list[list[Tensor]] = []  # per batch: per-parameter gradient blocks (B, p_i)
+        group_start, group_size = chunk.start, 0
         for where, batch in rows.batches(chunk):
             batch = to_device(batch, self.device)
             self.task.check_batch(batch)
             with torch.no_grad():
                 qs.append(self.task.out_to_loss(self._forward(state), batch).float())
-            grads = self.engine(state, batch)
-            bad = ~(torch.isfinite(grads).all(dim=1) & torch.isfinite(qs[-1]))
-            if bad.any():
-                rows_bad = (torch.nonzero(bad)[:, 0] + where.start).tolist()
-                raise NonFiniteGradientError(
-                    f"training rows {rows_bad[:10]} have NaN or infinite gradients for model "
-                    f"{m}; check those examples' inputs and that the checkpoint has not "
-                    "diverged (its loss is finite)"
-                )
-            group.append(grads)
-            group_size += grads.shape[0]
+            self._check_finite(qs[-1], where.start, m)
+            group.append(self.engine.parts(state, batch))
+            group_size += where.stop - where.start
             if group_size >= projector.group_rows:
-                feats.append(projector.project(torch.cat(group)))
-                group, group_size = [], 0
+                feats.append(self._project(projector, group, group_start, m))
+                group, group_start, group_size = [], where.stop, 0
             if bar is not None:
-                bar.update(grads.shape[0])
+                bar.update(where.stop - where.start)
         if group:
-            feats.append(projector.project(torch.cat(group)))
+            feats.append(self._project(projector, group, group_start, m))
         return torch.cat(feats), torch.cat(qs)
+
+    def _project(
+        self, projector: Projector, group: list[list[Tensor]], start: int, m: int
+    ) -> Tensor:
+        """Project a group of batches; non-finite gradients show as non-finite features
+        (every entry of P is nonzero, so a NaN or inf reaches every coordinate)."""
+        parts = (
+            group[0] if len(group) == 1 else [torch.cat(col) for col in zip(*group, strict=True)]
+        )
+        features = projector.project(parts)
+        self._check_finite(features, start, m)
+        return features
+
+    @staticmethod
+    def _check_finite(values: Tensor, start: int, m: int) -> None:
+        """Raise NonFiniteGradientError naming the training rows whose values are NaN/inf."""
+        finite = torch.isfinite(values)
+        finite = finite.all(dim=1) if finite.ndim == 2 else finite
+        if not finite.all():
+            rows_bad = (torch.nonzero(~finite)[:, 0] + start).tolist()
+            raise NonFiniteGradientError(
+                f"training rows {rows_bad[:10]} have NaN or infinite outputs or gradients for "
+                f"model {m}; check those examples' inputs and that the checkpoint has not "
+                "diverged (its loss is finite)"
+            )
 
     # ------------------------------------------------------------------ finalize
     def finalize(self) -> None:

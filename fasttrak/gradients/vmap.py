@@ -33,6 +33,11 @@ class VmapGradients:
         """state: every parameter and buffer by name (on the compute device); batch: a
         collated batch. Returns (B, p) float32, columns in selection order, each parameter
         flattened in row-major order."""
+        return torch.cat(self.parts(state, batch), dim=1)
+
+    def parts(self, state: dict[str, Tensor], batch: Any) -> list[Tensor]:
+        """Like :meth:`__call__`, as one (B, p_i) float32 block per selected parameter
+        (in selection order), so that projections can consume them without a copy."""
         selected = {name: state[name] for name in self.selected}
         constants = {name: t for name, t in state.items() if name not in selected}
 
@@ -47,4 +52,4 @@ class VmapGradients:
         per_example = vmap(grad(output_of_one), in_dims=(None, 0), chunk_size=self.chunk_size)
         grads = per_example(selected, batch)
         size = self.task.batch_size(batch)
-        return torch.cat([grads[name].reshape(size, -1).float() for name in self.selected], dim=1)
+        return [grads[name].reshape(size, -1).float() for name in self.selected]

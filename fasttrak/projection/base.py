@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -20,7 +21,9 @@ class Projector(Protocol):
     k: int
     group_rows: int
 
-    def project(self, grads: Tensor) -> Tensor: ...
+    def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
+        """grads: (B, p), or the per-parameter blocks (B, p_i) that concatenate to it."""
+        ...
 
 
 @runtime_checkable

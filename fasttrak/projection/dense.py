@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -109,8 +110,22 @@ class DenseProjector:
             self._matrix = full.to(self.device)
         return self._matrix
 
-    def project(self, grads: Tensor) -> Tensor:
-        """grads (B, p) -> features (B, k), float32, on ``device``."""
+    def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
+        """grads (B, p), or its per-parameter blocks (B, p_i) in order -> features (B, k),
+        float32, on ``device``. Blocks are multiplied with the matching rows of P in place
+        of a concatenation (one less copy of the gradients)."""
+        if not isinstance(grads, Tensor):
+            if self.cached and sum(g.shape[1] for g in grads) == self.num_params:
+                matrix, start = self.matrix(), 0
+                out = torch.zeros(
+                    (grads[0].shape[0], self.k), dtype=torch.float32, device=self.device
+                )
+                for block in grads:
+                    block = block.to(device=self.device, dtype=torch.float32)
+                    out.addmm_(block, matrix[start : start + block.shape[1]])
+                    start += block.shape[1]
+                return out
+            grads = torch.cat(list(grads), dim=1)
         if grads.ndim != 2 or grads.shape[1] != self.num_params:
             raise ValueError(
                 f"expected gradients of shape (B, {self.num_params}), got {tuple(grads.shape)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,10 @@ class IdentityProjector:
     k: int
     group_rows: int = 1
 
-    def project(self, grads: Tensor) -> Tensor:
-        """grads (B, p) -> the same (B, p) float32."""
+    def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
+        """grads (B, p) (or its per-parameter blocks) -> the same (B, p) float32."""
+        if not isinstance(grads, Tensor):
+            grads = torch.cat(list(grads), dim=1)
         if grads.shape[1] != self.k:
             raise ValueError(
                 f"identity projector expects {self.k} gradient columns, got {grads.shape[1]}"
