@@ -14,7 +14,7 @@ from fasttrak.errors import (
     NotFeaturizedError,
     StoreMismatchError,
 )
-from fasttrak.scoring import Scores, TopK
+from fasttrak.scoring import Scores, TopK, soft_threshold
 from fasttrak.trak import TRAK
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "TopK",
     "evaluate",
     "projection",
+    "soft_threshold",
     "tasks",
     "__version__",
 ]

@@ -1,4 +1,11 @@
-"""The kernel K = Φᵀ Φ + λ I of one checkpoint, and solves with its Cholesky factor."""
+"""The kernel of one checkpoint, K = Φᵀ R Φ + λ I, and solves with its Cholesky factor.
+
+R is I (``"plain"``, the paper's TRAK) or diag(p_i (1 - p_i)) (``"gauss_newton"``: the
+Gauss-Newton Hessian of the loss in the model output; on logistic regression this turns the
+estimator into the influence function). A block-diagonal kernel keeps only B diagonal blocks
+of K, one per contiguous group of k/B coordinates, and averages the B estimates: a "virtual
+ensemble" from one backward pass.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import torch
 from torch import Tensor
 
 Precision = Literal["float32", "float64"]
+Weighting = Literal["plain", "gauss_newton"]
+WEIGHTINGS = ("plain", "gauss_newton")
 
 DEFAULT_RIDGE = 0.1
 """Default relative ridge: λ = ridge · trace(Φᵀ Φ) / min(n, k), a fraction of the mean
@@ -37,6 +46,31 @@ def ridge_value(gram_matrix: np.ndarray, ridge: float, num_rows: int) -> float:
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     return float(ridge * np.trace(gram_matrix) / min(num_rows, gram_matrix.shape[0]))
+
+
+def gauss_newton_weights(q: np.ndarray) -> np.ndarray:
+    """R = p (1 - p) per example from the out-to-loss weights Q = 1 - p: (n,) float64."""
+    q = np.asarray(q, dtype=np.float64)
+    return q * (1.0 - q)
+
+
+def block_slices(k: int, blocks: int) -> list[slice]:
+    """``blocks`` contiguous, nearly equal coordinate ranges covering [0, k)."""
+    if not 1 <= blocks <= k:
+        raise ValueError(f"kernel_blocks must be in [1, k={k}], got {blocks}")
+    edges = np.linspace(0, k, blocks + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def block_diagonal_factor(
+    gram_matrix: np.ndarray, ridge: float, num_rows: int, blocks: int = 1
+) -> np.ndarray:
+    """Block-diagonal lower factor (k, k): one Cholesky factor of G_bb + λ_b I per block,
+    λ_b = ``ridge_value(G_bb, ridge, n)``; blocks=1 is the full kernel."""
+    factor = np.zeros_like(gram_matrix)
+    for part in block_slices(gram_matrix.shape[0], blocks):
+        factor[part, part] = cholesky_factor(gram_matrix[part, part], ridge, num_rows)
+    return factor
 
 
 def cholesky_factor(gram_matrix: np.ndarray, ridge: float, num_rows: int) -> np.ndarray:

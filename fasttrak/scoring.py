@@ -130,3 +130,19 @@ def _keep_top(values: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(
         np.take_along_axis(index, part, axis=1), order, axis=1
     )
+
+
+def soft_threshold(scores: np.ndarray, keep: float) -> np.ndarray:
+    """The paper's optional sparsification: per target, shrink scores towards 0 by τ and zero
+    those with |score| <= τ, τ being the per-target (1 - keep) quantile of |score|.
+
+    scores: (n_targets, n_train); keep: fraction in (0, 1] of scores left nonzero per target.
+    Returns a new float32 array of the same shape.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (n_targets, n_train), got shape {scores.shape}")
+    tau = np.quantile(np.abs(scores), 1 - keep, axis=1, keepdims=True) if keep < 1 else 0.0
+    return (np.sign(scores) * np.maximum(np.abs(scores) - tau, 0)).astype(np.float32)

@@ -8,7 +8,7 @@ Layout (one group per checkpoint index m)::
         features  (n, k)     float32 (or float16), chunked by ``chunk_rows`` rows
         q         (n,)       float32 out-to-loss weights
         done      (n_chunks,) uint8, one zarr chunk per mark, set after a chunk is written
-        gram      (k, k)     float64 Φᵀ Φ, written by finalize
+        gram      (k, k)     float64 Φᵀ Φ, written by finalize (gram_gauss_newton: Φᵀ R Φ)
         factor    (k, k)     float64 Cholesky factor of Φᵀ Φ + λ I; attrs: ridge settings
 
 The store never holds models or pickles: arrays and JSON only. Reopening it with settings
@@ -202,12 +202,13 @@ class CheckpointStore:
         self.q[rows] = q.astype(np.float32)
         self.group["done"][c] = 1
 
-    def read_gram(self) -> np.ndarray | None:
-        return self.group["gram"][:] if "gram" in self.group else None
+    def read_gram(self, name: str = "gram") -> np.ndarray | None:
+        """A stored (k, k) kernel: ``gram`` (Φᵀ Φ) or ``gram_gauss_newton`` (Φᵀ R Φ)."""
+        return self.group[name][:] if name in self.group else None
 
-    def write_gram(self, gram: np.ndarray) -> None:
+    def write_gram(self, gram: np.ndarray, name: str = "gram") -> None:
         array = self.group.create_array(
-            "gram", shape=gram.shape, dtype="float64", compressors=None, overwrite=True
+            name, shape=gram.shape, dtype="float64", compressors=None, overwrite=True
         )
         array[:] = gram
 

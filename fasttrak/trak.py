@@ -16,14 +16,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from fasttrak import kernel
+from fasttrak import kernel as kernel_ops
 from fasttrak.checkpoints import Checkpoint, fingerprint, load_state
 from fasttrak.data import Rows, as_rows, to_device
 from fasttrak.errors import CheckpointMismatchError, NonFiniteGradientError, NotFeaturizedError
 from fasttrak.gradients import ParamSpec, VmapGradients, select_parameters
 from fasttrak.projection import Projector, ProjectorConfig, resolve_projector
 from fasttrak.scoring import Scores
-from fasttrak.store import FEATURE_DTYPES, Store
+from fasttrak.store import FEATURE_DTYPES, CheckpointStore, Store
 from fasttrak.tasks import ImageClassification, Task
 
 
@@ -50,6 +50,11 @@ class TRAK:
             :data:`fasttrak.kernel.DEFAULT_RIDGE`).
         precision: ``"float32"`` or ``"float64"`` products when building the kernel
             (always summed in float64).
+        kernel: ``"plain"`` (Φᵀ Φ, the paper's) or ``"gauss_newton"`` (Φᵀ R Φ with
+            R = p (1 - p) = Q (1 - Q) per training example; influence functions on convex
+            models). Chosen at scoring time: the stored features serve both.
+        kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
+            groups of k / B) and averages the B estimates, a virtual ensemble.
         vmap_chunk_size: examples per vmap call inside a batch (bounds activation memory).
         progress: show progress bars.
     """
@@ -67,8 +72,10 @@ class TRAK:
         batch_size: int = 64,
         chunk_rows: int | None = None,
         feature_dtype: str = "float32",
-        ridge: float = kernel.DEFAULT_RIDGE,
-        precision: kernel.Precision = "float32",
+        ridge: float = kernel_ops.DEFAULT_RIDGE,
+        precision: kernel_ops.Precision = "float32",
+        kernel: kernel_ops.Weighting = "plain",
+        kernel_blocks: int = 1,
         vmap_chunk_size: int | None = 32,
         progress: bool = True,
     ) -> None:
@@ -87,14 +94,19 @@ class TRAK:
         self.device = torch.device(device)
         self.seed = seed
         self.batch_size = batch_size
+        if kernel not in kernel_ops.WEIGHTINGS:
+            raise ValueError(f"kernel must be one of {kernel_ops.WEIGHTINGS}, got {kernel!r}")
         self.ridge = ridge
         self.precision = precision
+        self.kernel = kernel
+        self.kernel_blocks = kernel_blocks
         self.progress = progress
         self.selected = select_parameters(model, params)
         named = dict(model.named_parameters())
         self.param_numels = {name: named[name].numel() for name in self.selected}
         self.projector_config = resolve_projector(projector)
         self.k = self.projector_config.output_dim(proj_dim, sum(self.param_numels.values()))
+        kernel_ops.block_slices(self.k, kernel_blocks)  # raises for a bad number of blocks
         meta = {
             "task": self.task.spec(),
             "projector": self.projector_config.spec(self.k),
@@ -213,19 +225,36 @@ class TRAK:
             self._factor(m)
 
     def _factor(self, m: int) -> np.ndarray:
+        """The (block-diagonal) Cholesky factor of checkpoint m's kernel, cached in the store."""
         ck = self.store.checkpoint(m)
         assert ck is not None
-        ridge_key = {"ridge": self.ridge, "relative_to": "trace/min(n,k)"}
-        factor = ck.read_factor(ridge_key)
+        key = {
+            "ridge": self.ridge,
+            "relative_to": "trace/min(n,k)",
+            "kernel": self.kernel,
+            "blocks": self.kernel_blocks,
+        }
+        factor = ck.read_factor(key)
         if factor is None:
-            gram = ck.read_gram()
+            name = "gram" if self.kernel == "plain" else "gram_gauss_newton"
+            gram = ck.read_gram(name)
             if gram is None:
-                blocks = (ck.features[ck.chunk_slice(c)] for c in range(ck.num_chunks))
-                gram = kernel.gram(blocks, self.k, self.precision)
-                ck.write_gram(gram)
-            factor = kernel.cholesky_factor(gram, self.ridge, ck.features.shape[0])
-            ck.write_factor(factor, ridge_key)
+                gram = kernel_ops.gram(self._kernel_rows(ck), self.k, self.precision)
+                ck.write_gram(gram, name)
+            n = ck.features.shape[0]
+            factor = kernel_ops.block_diagonal_factor(gram, self.ridge, n, self.kernel_blocks)
+            ck.write_factor(factor, key)
         return factor
+
+    def _kernel_rows(self, ck: CheckpointStore) -> Iterator[np.ndarray]:
+        """Row blocks of Φ, or of R^½ Φ for the Gauss-Newton kernel."""
+        for c in range(ck.num_chunks):
+            rows = ck.chunk_slice(c)
+            block = np.asarray(ck.features[rows], dtype=np.float32)
+            if self.kernel == "gauss_newton":
+                weights = kernel_ops.gauss_newton_weights(ck.q[rows])
+                block = block * np.sqrt(weights).astype(np.float32)[:, None]
+            yield block
 
     def _complete_checkpoints(self) -> list[int]:
         ids = self.store.checkpoint_ids()
@@ -289,7 +318,8 @@ class TRAK:
                 phi, _ = self._features(
                     target_rows, slice(0, len(target_rows)), self._to_device(state), m
                 )
-                solved.append(kernel.solve(self._factor(m), phi.cpu().T))
+                # Mean over the kernel's blocks: Σ_b Φ_b K_bb⁻¹ φ_b / B.
+                solved.append(kernel_ops.solve(self._factor(m), phi.cpu().T) / self.kernel_blocks)
         cks = [self.store.checkpoint(m) for m in ids]
         return Scores(cks, solved, block_rows=self.store.chunk_rows)  # type: ignore[arg-type]
 

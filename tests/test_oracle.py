@@ -92,3 +92,79 @@ def test_scores_save_writes_the_dense_matrix(tmp_path):
     scores = trak.score((x[:3], y[:3]))
     saved = scores.save(tmp_path / "scores.zarr")
     np.testing.assert_allclose(saved[:], np.asarray(scores))
+
+
+def closed_form_options(model, x, y, xt, yt, ridge, weighting, blocks):
+    """float64 oracle of the Gauss-Newton and block-diagonal kernels (one model, k = p)."""
+    names = select_parameters(model)
+    phi = loop_gradients(model, x, y, names).numpy()
+    phi_t = loop_gradients(model, xt, yt, names).numpy()
+    with torch.no_grad():
+        p = torch.softmax(model.double()(x.double()), 1)[torch.arange(len(y)), y].numpy()
+        model.float()
+    weights = p * (1 - p) if weighting == "gauss_newton" else np.ones_like(p)
+    gram = phi.T @ (weights[:, None] * phi)
+    k, n = gram.shape[0], len(y)
+    edges = np.linspace(0, k, blocks + 1).round().astype(int)
+    total = np.zeros((len(yt), n))
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        g = gram[a:b, a:b]
+        lam = ridge * np.trace(g) / min(n, b - a)
+        total += phi_t[:, a:b] @ np.linalg.solve(g + lam * np.eye(b - a), phi[:, a:b].T)
+    return (1 - p)[None, :] * total / blocks
+
+
+@pytest.mark.parametrize(
+    "weighting, blocks", [("gauss_newton", 1), ("plain", 3), ("gauss_newton", 4)]
+)
+def test_kernel_options_equal_their_closed_form(weighting, blocks):
+    model = make_mlp(seed=4)
+    x, y = make_data(50, seed=8)
+    xt, yt = make_data(5, seed=9)
+    trak = ft.TRAK(
+        model,
+        projector="identity",
+        ridge=0.05,
+        precision="float64",
+        kernel=weighting,
+        kernel_blocks=blocks,
+        progress=False,
+    )
+    trak.featurize((x, y))
+    scores = np.asarray(trak.score((xt, yt)))
+    expected = closed_form_options(model, x, y, xt, yt, 0.05, weighting, blocks)
+    np.testing.assert_allclose(scores, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
+
+
+def test_kernel_options_share_one_store(tmp_path):
+    """Switching kernel options re-solves from the stored features; nothing is recomputed."""
+    model = make_mlp()
+    x, y = make_data(40)
+    plain = ft.TRAK(model, proj_dim=16, store=tmp_path, progress=False)
+    plain.featurize((x, y))
+    a = np.asarray(plain.score((x[:3], y[:3])))
+    other = ft.TRAK(
+        model, proj_dim=16, store=tmp_path, kernel="gauss_newton", kernel_blocks=2, progress=False
+    )
+    b = np.asarray(other.score((x[:3], y[:3]), checkpoints=[model.state_dict()]))
+    assert not np.allclose(a, b)
+    assert other.store.checkpoint(0).read_gram("gram_gauss_newton") is not None
+    again = ft.TRAK(model, proj_dim=16, store=tmp_path, progress=False)
+    np.testing.assert_allclose(np.asarray(again.score((x[:3], y[:3]), checkpoints=[model])), a)
+
+
+def test_bad_kernel_options():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ft.TRAK(make_mlp(), kernel="hessian")
+    with pytest.raises(ValueError, match="kernel_blocks"):
+        ft.TRAK(make_mlp(), proj_dim=8, kernel_blocks=9)
+
+
+def test_soft_threshold():
+    scores = np.array([[3.0, -2.0, 0.5, -0.1], [1.0, 1.0, -4.0, 0.0]])
+    kept = ft.soft_threshold(scores, keep=0.5)
+    tau = np.quantile(np.abs(scores), 0.5, axis=1, keepdims=True)
+    np.testing.assert_allclose(kept, np.sign(scores) * np.maximum(np.abs(scores) - tau, 0))
+    np.testing.assert_allclose(ft.soft_threshold(scores, keep=1.0), scores)
+    with pytest.raises(ValueError, match="fraction"):
+        ft.soft_threshold(scores, keep=0)
