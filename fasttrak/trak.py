@@ -35,8 +35,9 @@ class TRAK:
             :meth:`featurize` (the model itself is never modified).
         task: what is attributed (default :class:`~fasttrak.tasks.ImageClassification`).
         proj_dim: k, the projected feature dimension.
-        projector: ``"dense"`` (Rademacher), ``"identity"`` (no projection, k = p) or a
-            configured instance such as ``ft.projection.Dense(distribution="gaussian")``.
+        projector: ``"dense"`` (Rademacher), ``"sjlt"`` (sparse JL), ``"srht"`` (subsampled
+            randomized Hadamard), ``"identity"`` (no projection, k = p), or a configured
+            instance such as ``ft.projection.SJLT(s=4)`` (see docs/projections.md).
         store: a directory for the zarr store (resumable), or None to keep it in memory.
         device: where gradients and projections are computed.
         seed: seed of the random projection (features are a pure function of it).
@@ -120,7 +121,7 @@ class TRAK:
         self.store = Store.open(store, {**meta, "chunk_rows": rows})
         self.engine = VmapGradients(model, self.task, self.selected, vmap_chunk_size)
         self._states: list[dict[str, Tensor]] = []
-        self._projectors: dict[int, Projector] = {}
+        self._projector_of: tuple[int, Projector] | None = None  # only the current model's
 
     # ------------------------------------------------------------------ featurize
     def featurize(
@@ -196,8 +197,8 @@ class TRAK:
     def _project(
         self, projector: Projector, group: list[list[Tensor]], start: int, m: int
     ) -> Tensor:
-        """Project a group of batches; non-finite gradients show as non-finite features
-        (every entry of P is nonzero, so a NaN or inf reaches every coordinate)."""
+        """Project a group of batches. Non-finite gradients show as non-finite features: every
+        projector sends each gradient coordinate to at least one output with a nonzero weight."""
         parts = (
             group[0] if len(group) == 1 else [torch.cat(col) for col in zip(*group, strict=True)]
         )
@@ -325,11 +326,15 @@ class TRAK:
 
     # ------------------------------------------------------------------ helpers
     def _projector(self, m: int) -> Projector:
-        if m not in self._projectors:
-            self._projectors[m] = self.projector_config.build(
-                self.param_numels, self.k, self.seed, m, self.device
+        """Model m's projector. Only one is held at a time: a cached dense matrix can take
+        up to ``cache_bytes`` (1 GiB by default), so holding one per model would not scale."""
+        if self._projector_of is None or self._projector_of[0] != m:
+            self._projector_of = None  # release the previous matrix before building the next
+            self._projector_of = (
+                m,
+                self.projector_config.build(self.param_numels, self.k, self.seed, m, self.device),
             )
-        return self._projectors[m]
+        return self._projector_of[1]
 
     def _load_states(self, checkpoints: Sequence[Checkpoint] | None) -> list[dict[str, Tensor]]:
         if checkpoints is None:

@@ -49,11 +49,19 @@ class ProjectorConfig(Protocol):
 
 
 def resolve_projector(projector: str | ProjectorConfig) -> ProjectorConfig:
-    """Turn a projector name (``"dense"``, ``"identity"``) or config instance into a config."""
+    """Turn a projector name (``"dense"``, ``"sjlt"``, ``"srht"``, ``"identity"``) or config
+    instance into a config."""
     from fasttrak.projection.dense import Dense
     from fasttrak.projection.identity import Identity
+    from fasttrak.projection.sjlt import SJLT
+    from fasttrak.projection.srht import SRHT
 
-    by_name: dict[str, ProjectorConfig] = {"dense": Dense(), "identity": Identity()}
+    by_name: dict[str, ProjectorConfig] = {
+        "dense": Dense(),
+        "identity": Identity(),
+        "sjlt": SJLT(),
+        "srht": SRHT(),
+    }
     if isinstance(projector, str):
         if projector not in by_name:
             raise ValueError(

@@ -115,6 +115,8 @@ class DenseProjector:
         float32, on ``device``. Blocks are multiplied with the matching rows of P in place
         of a concatenation (one less copy of the gradients)."""
         if not isinstance(grads, Tensor):
+            if len(grads) == 0:
+                raise ValueError("project() got no gradient blocks; pass (B, p) gradients")
             if self.cached and sum(g.shape[1] for g in grads) == self.num_params:
                 matrix, start = self.matrix(), 0
                 out = torch.zeros(

@@ -1,0 +1,377 @@
+"""Subsampled randomized Hadamard transform (SRHT), block by block.
+
+Block layout (:func:`block_layout`): each parameter's gradient, of n coordinates, is cut
+from its first coordinate into ⌊n / block_size⌋ blocks of ``block_size`` (a power of two),
+then the rest r = n mod block_size into one block per set bit of r of at least
+``MIN_BLOCK`` (64) coordinates, largest first (r = 452 → 256, 128, 64), and a last block of
+the r mod 64 remaining coordinates, zero-padded to the next power of two. So at most 63
+zero coordinates per parameter are transformed, where padding the whole rest would waste up
+to block_size / 2 (a 20,480-weight layer: 12,288 zeros, 60 % more work). Block boundaries
+are a fixed function of (parameter name, its size), never of its offset in the model, so
+the map of a parameter's coordinates does not depend on the other parameters. Every block β
+(padded size b, m = min(k, b)) gets its own SRHT
+
+    φ_β = (1/√m) · S_β H_b D_β x_β
+
+with D_β random ±1 signs, H_b the (unnormalised, ±1) Sylvester–Hadamard matrix, applied by a
+fast Walsh–Hadamard transform in O(b log b), and S_β a random injection between the b
+transformed coordinates and the k outputs:
+
+* k ≤ b: k of the b coordinates, sampled **without replacement**, go to outputs 0..k-1;
+* k > b: all b coordinates go to b distinct outputs sampled without replacement from the k.
+  The block is then embedded isometrically (‖φ_β‖ = ‖x_β‖ exactly): no error, no variance,
+  no duplicated coordinates (sampling with replacement would add variance; an error would
+  forbid every bias vector smaller than k).
+
+The features are the sum over blocks, φ = Σ_β φ_β.
+
+Scale: ‖H_b D_β x_β‖² = b ‖x_β‖². For k ≤ b each transformed coordinate is kept with
+probability k/b, so E‖φ_β‖² = (1/k)(k/b) b ‖x_β‖² = ‖x_β‖²; for k > b, ‖φ_β‖² = (1/b) b ‖x_β‖².
+Blocks have independent signs, so E⟨φ_β, φ_γ⟩ = 0 for β ≠ γ and E‖φ‖² = Σ_β ‖x_β‖² = ‖g‖²;
+the same argument on x + y gives E⟨φ(x), φ(y)⟩ = ⟨x, y⟩.
+
+Randomness is a pure function of (seed, model index, parameter name, coordinate / block):
+the signs D of a parameter's coordinates are drawn in fixed tiles of ``TILE_ROWS``
+coordinates from a CPU generator seeded by
+:func:`~fasttrak.projection.dense.projection_seed` (they do not depend on ``block_size``),
+and the sampling S_β of block j (counting from 0 in the parameter's layout) of parameter
+``name`` from a generator seeded by ``projection_seed(seed, model_id, name + "/srht", j)``.
+Both are generated once per projector on the CPU and moved to ``device``.
+
+A NaN or inf anywhere in a block reaches every transformed coordinate of that block (every
+entry of H_b is ±1), hence at least min(k, b) ≥ 1 features of that example's row.
+
+Memory: besides the cached signs (4 bytes per parameter) and sampling indices (8 bytes per
+sampled coordinate), a projector keeps two float32 work buffers of max(``chunk_elems``,
+padded block size) entries (4 MiB each by default), reused by every call: rows and blocks
+are processed in chunks of at most that many entries, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fasttrak.projection.dense import TILE_ROWS, projection_seed
+from fasttrak.projection.sjlt import _check_blocks
+
+_HADAMARD: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def hadamard(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """The (n, n) float32 Sylvester–Hadamard matrix (entries ±1; n a power of two)."""
+    device = torch.device(device)
+    key = (n, device)
+    if key not in _HADAMARD:
+        h = torch.ones((1, 1))
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        if h.shape[0] != n:
+            raise ValueError(f"the Hadamard size must be a power of two, got {n}")
+        _HADAMARD[key] = h.to(device)
+    return _HADAMARD[key]
+
+
+def fwht(x: Tensor, radix: int = 16) -> Tensor:
+    """Unnormalised fast Walsh–Hadamard transform of the rows of ``x`` (N, b): ``x @ H_b``.
+
+    Returns a new tensor; ``x`` is not modified. ``radix=2`` is the textbook transform: log2(b)
+    butterfly steps, each a reshape to (N, b/2h, 2, h) and one pass of additions. A larger
+    radix r uses H_b = H_r ⊗ H_r ⊗ ... and applies each small (r, r) Hadamard factor along
+    its axis of x reshaped to (N, ..., r, ...) with one batched matmul: log_r(b) passes
+    over the data instead of log2(b), about twice as fast on CPUs (the butterflies are
+    memory-bound); matmul flops are 2r per coordinate and pass.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"fwht expects a 2-D (N, b) tensor, got shape {tuple(x.shape)}")
+    src = x.clone(memory_format=torch.contiguous_format)
+    return _fwht_pair(src, torch.empty_like(src), radix)
+
+
+def _fwht_pair(src: Tensor, spare: Tensor, radix: int) -> Tensor:
+    """FWHT of the rows of ``src`` (N, b), contiguous, ping-ponging between ``src`` and
+    ``spare`` (same shape, contiguous): both are overwritten; returns the one holding the
+    result. No allocation besides the small Hadamard factors."""
+    n, b = src.shape
+    bits = b.bit_length() - 1
+    if b < 1 or 1 << bits != b:
+        raise ValueError(f"fwht needs a power-of-two length, got {b}")
+    if radix < 2 or radix & (radix - 1):
+        raise ValueError(f"fwht radix must be a power of two >= 2, got {radix}")
+    dst = spare
+    if radix == 2:
+        h = 1
+        while h < b:
+            s4, d4 = src.view(n, b // (2 * h), 2, h), dst.view(n, b // (2 * h), 2, h)
+            torch.add(s4[:, :, 0], s4[:, :, 1], out=d4[:, :, 0])
+            torch.sub(s4[:, :, 0], s4[:, :, 1], out=d4[:, :, 1])
+            src, dst = dst, src
+            h *= 2
+        return src
+    # Split the log2(b) bits into ceil(bits / log2(radix)) factors of (nearly) equal size,
+    # smallest first: the axis a factor acts on then has >= radix trailing entries except for
+    # the last factor (a plain GEMM), avoiding batched matmuls of tiny matrices.
+    steps = math.ceil(bits / (radix.bit_length() - 1))
+    sizes = [1 << (bits // steps + (i >= steps - bits % steps)) for i in range(steps)]
+    lead = n
+    for size in sizes:
+        trail = b // (size * (lead // n))
+        h = hadamard(size, src.device)
+        if trail == 1:  # h is symmetric
+            torch.matmul(src.view(-1, size), h, out=dst.view(-1, size))
+        else:
+            torch.matmul(h, src.view(lead, size, trail), out=dst.view(lead, size, trail))
+        src, dst = dst, src
+        lead *= size
+    return src
+
+
+@dataclass(frozen=True)
+class _Run:
+    """``count`` consecutive blocks of one parameter, each of ``length`` real coordinates."""
+
+    part: int  # index of the parameter in param_numels order
+    start: int  # first coordinate of the run within the parameter
+    count: int
+    length: int
+    first: int  # index of the run's first block among its group's blocks
+
+
+@dataclass
+class _Group:
+    """All blocks with the same padded size ``size``, processed together."""
+
+    size: int
+    runs: list[_Run] = field(default_factory=list)
+    num_blocks: int = 0
+    index: Tensor | None = None  # (num_blocks, min(k, size)): rows (k <= size) or cols (k > size)
+
+
+MIN_BLOCK = 64
+"""Smallest block cut from the rest of a parameter; fewer coordinates are zero-padded."""
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def block_layout(numel: int, block_size: int) -> list[tuple[int, int, int, int]]:
+    """Runs of blocks of one parameter: (start, count, length, padded size) in order."""
+    full, rest = divmod(numel, block_size)
+    runs = [(0, full, block_size, block_size)] if full else []
+    start = full * block_size
+    smallest = min(MIN_BLOCK, block_size)
+    for bit in range(rest.bit_length() - 1, -1, -1):
+        piece = 1 << bit
+        if piece < smallest:
+            break
+        if rest & piece:
+            runs.append((start, 1, piece, piece))
+            start += piece
+    if numel > start:
+        runs.append((start, 1, numel - start, _next_pow2(numel - start)))
+    return runs
+
+
+@dataclass
+class SRHTProjector:
+    """Projects (B, p) gradients to (B, k) with a sum of independent per-block SRHTs."""
+
+    param_numels: dict[str, int]
+    k: int
+    block_size: int = 2**16
+    seed: int = 0
+    model_id: int = 0
+    device: torch.device | str = "cpu"
+    chunk_elems: int = 2**20
+    radix: int | None = None  # None: 16 on CPU (matmul factors), 2 elsewhere (exact additions)
+    group_rows: int = field(default=1, init=False)
+
+    def __post_init__(self) -> None:
+        _check_block_size(self.block_size)
+        if self.k < 1:
+            raise ValueError(f"proj_dim must be >= 1, got {self.k}")
+        self.device = torch.device(self.device)
+        if self.radix is None:
+            self.radix = 16 if self.device.type == "cpu" else 2
+        self.num_params = sum(self.param_numels.values())
+        self._offsets: list[int] = []
+        groups: dict[int, _Group] = {}
+        block_index: dict[int, list[Tensor]] = {}
+        signs = torch.empty(self.num_params, dtype=torch.float32)
+        offset = 0
+        for part, (name, numel) in enumerate(self.param_numels.items()):
+            self._offsets.append(offset)
+            for tile in range(math.ceil(numel / TILE_ROWS)):
+                rows = min(TILE_ROWS, numel - tile * TILE_ROWS)
+                gen = torch.Generator().manual_seed(
+                    projection_seed(self.seed, self.model_id, name, tile)
+                )
+                bits = torch.randint(0, 2, (rows,), generator=gen, dtype=torch.int8)
+                start = offset + tile * TILE_ROWS
+                signs[start : start + rows] = 1.0 - 2.0 * bits.float()
+            j = 0  # block index within the parameter
+            for start, count, length, size in block_layout(numel, self.block_size):
+                group = groups.setdefault(size, _Group(size))
+                group.runs.append(_Run(part, start, count, length, group.num_blocks))
+                group.num_blocks += count
+                m = min(self.k, size)
+                scale = 1.0 / math.sqrt(m)
+                signs[offset + start : offset + start + count * length] *= scale
+                for _ in range(count):
+                    gen = torch.Generator().manual_seed(
+                        projection_seed(self.seed, self.model_id, f"{name}/srht", j)
+                    )
+                    perm = torch.randperm(max(self.k, size), generator=gen)[:m]
+                    block_index.setdefault(size, []).append(perm)
+                    j += 1
+            offset += numel
+        self._signs = signs.to(self.device)
+        self._groups = sorted(groups.values(), key=lambda g: -g.size)
+        for group in self._groups:
+            group.index = torch.stack(block_index[group.size]).to(self.device)
+        self._arange_k = torch.arange(self.k, device=self.device)
+        self._buffers: tuple[Tensor, ...] | None = None
+
+    def matrix(self) -> Tensor:
+        """The implied dense (p, k) float32 matrix (for tests and small p only)."""
+        eye = torch.eye(self.num_params, dtype=torch.float32, device=self.device)
+        return self.project(eye)
+
+    def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
+        """grads (B, p), or its per-parameter blocks (B, p_i) in order -> features (B, k),
+        float32, on ``device``."""
+        blocks = [grads] if isinstance(grads, Tensor) else list(grads)
+        _check_blocks(blocks, self.num_params)
+        if [b.shape[1] for b in blocks] == list(self.param_numels.values()):
+            parts = blocks
+        else:  # a whole (B, p) matrix, or blocks that do not follow the parameters
+            whole = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+            parts = [
+                whole[:, o : o + n]
+                for o, n in zip(self._offsets, self.param_numels.values(), strict=True)
+            ]
+        rows = blocks[0].shape[0]
+        parts = [p.to(device=self.device, dtype=torch.float32) for p in parts]
+        out = torch.zeros((rows, self.k), dtype=torch.float32, device=self.device)
+        for group in self._groups:
+            # Bound the work buffers to ~chunk_elems entries: split rows, then blocks.
+            row_step = max(1, self.chunk_elems // group.size)
+            for r0 in range(0, rows, row_step):
+                r1 = min(rows, r0 + row_step)
+                cap = max(1, self.chunk_elems // ((r1 - r0) * group.size))
+                for pieces in _chunks(group.runs, cap):
+                    self._project_chunk([p[r0:r1] for p in parts], group, pieces, out[r0:r1])
+        return out
+
+    def _project_chunk(
+        self, parts: list[Tensor], group: _Group, pieces: list[tuple[_Run, int, int]], out: Tensor
+    ) -> None:
+        """Add the SRHT features of the blocks in ``pieces`` (all of padded size
+        ``group.size``) to ``out`` (rows, k), in place."""
+        rows, size = out.shape[0], group.size
+        count = sum(c for _, _, c in pieces)
+        buf, spare = self._work(rows * count * size)
+        buf = buf.view(rows, count, size)
+        i = 0
+        for run, j0, c in pieces:  # buf = D x, zero-padded
+            lo = run.start + j0 * run.length
+            src = parts[run.part][:, lo : lo + c * run.length].unflatten(1, (c, run.length))
+            sign = self._signs[self._offsets[run.part] + lo :][: c * run.length]
+            torch.mul(src, sign.view(c, run.length), out=buf[:, i : i + c, : run.length])
+            if run.length < size:
+                buf[:, i : i + c, run.length :].zero_()
+            i += c
+        y = _fwht_pair(buf.view(rows * count, size), spare.view(rows * count, size), self.radix)
+        y = y.view(rows, count * size)
+        assert group.index is not None
+        first = pieces[0][0].first + pieces[0][1]
+        index = group.index[first : first + count]
+        if self.k <= size:  # keep the sampled coordinates of every block, add them up
+            offsets = torch.arange(count, device=self.device)[:, None] * size
+            vals = y.index_select(1, (index + offsets).reshape(-1))
+            out.index_add_(1, self._arange_k.repeat(count), vals)
+        else:  # every transformed coordinate goes to its own sampled output
+            out.index_add_(1, index.reshape(-1), y)
+
+    def _work(self, numel: int) -> tuple[Tensor, Tensor]:
+        """Two flat float32 work buffers of at least ``numel`` entries, kept between calls
+        (fresh large allocations cost page faults comparable to the transform itself)."""
+        if self._buffers is None or self._buffers[0].numel() < numel:
+            self._buffers = tuple(
+                torch.empty(numel, dtype=torch.float32, device=self.device) for _ in range(2)
+            )
+        return self._buffers[0][:numel], self._buffers[1][:numel]
+
+
+def _chunks(runs: list[_Run], cap: int):
+    """Consecutive pieces (run, first block in run, count) of at most ``cap`` blocks each."""
+    pieces: list[tuple[_Run, int, int]] = []
+    have = 0
+    for run in runs:
+        j = 0
+        while j < run.count:
+            take = min(run.count - j, cap - have)
+            pieces.append((run, j, take))
+            have += take
+            j += take
+            if have == cap:
+                yield pieces
+                pieces, have = [], 0
+    if pieces:
+        yield pieces
+
+
+def _check_block_size(block_size: int) -> None:
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size < 1
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(
+            f"SRHT(block_size=...) must be a power of two such as 2**16, got {block_size!r}"
+        )
+
+
+@dataclass(frozen=True)
+class SRHT:
+    """Subsampled randomized Hadamard transform over blocks of ``block_size`` coordinates.
+
+    O(B·p·log(block_size)) per batch, independent of k; features are the sum of independent
+    per-block SRHTs (see the module docstring).
+    """
+
+    block_size: int = 2**16
+
+    def __post_init__(self) -> None:
+        _check_block_size(self.block_size)
+
+    def spec(self, k: int) -> dict[str, Any]:
+        return {
+            "kind": "srht",
+            "block_size": self.block_size,
+            "k": k,
+            "tile_rows": TILE_ROWS,
+            "version": 1,
+        }
+
+    def output_dim(self, k: int, num_params: int) -> int:
+        return k
+
+    def build(
+        self, param_numels: dict[str, int], k: int, seed: int, model_id: int, device: torch.device
+    ) -> SRHTProjector:
+        return SRHTProjector(
+            dict(param_numels),
+            k=k,
+            block_size=self.block_size,
+            seed=seed,
+            model_id=model_id,
+            device=device,
+        )
