@@ -9,7 +9,11 @@ Measurements
     (``ft.TRAK(..., projector="dense").featurize``) and traker
     (``TRAKer.load_checkpoint`` + ``TRAKer.featurize`` per batch, with an explicit float32
     Rademacher ``BasicProjector``), same model, data, batch size and projection dimension
-    ``k``, in the same process. Each package is warmed up once on one batch (a separate
+    ``k``, in the same process. ``trak_cached_ex_per_s`` is traker again with
+    ``BasicProjector(block_size=k)``: one ``(p, k)`` block generated once and reused, instead
+    of the default ``block_size=100`` (``ceil(k/100)`` blocks regenerated for every batch);
+    its one matrix generation happens in ``TRAKer.__init__`` and so counts as "other".
+    Each package is warmed up once on one batch (a separate
     instance), then timed ``--repeat`` times, interleaved, and the best run is kept (other
     processes on a shared machine only ever slow a run down; all runs are in ``*_runs``).
     A timed run covers everything from constructing the ``TRAK``/``TRAKer`` object to the
@@ -27,7 +31,7 @@ Measurements
 
 Usage::
 
-    python benchmarks/featurize.py            # full run (~2-3 min on 2 CPU cores)
+    python benchmarks/featurize.py            # full run (~3-4 min on 2 CPU cores)
     python benchmarks/featurize.py --quick    # smoke test (~20 s)
 """
 
@@ -176,6 +180,9 @@ def median_seconds(fn: Callable[[], Any], reps: int) -> float:
 
 def breakdown(timers: Timers, total: float) -> dict[str, float]:
     out = {f"{k}_s": round(v, 4) for k, v in sorted(timers.seconds.items())}
+    # everything else: forward for Q, checks, copies, writing features, constructing the object
+    rest = total - timers.seconds.get("grads", 0.0) - timers.seconds.get("project", 0.0)
+    out["other_s"] = round(rest, 4)
     out["total_s"] = round(total, 4)
     return out
 
@@ -196,7 +203,7 @@ def fasttrak_featurize(
         seed=0,
         progress=False,
     )
-    # fresh projector cache per instance: build the matrix inside the timed region
+    # a new TRAK object has no projector yet: the matrix is built inside the timed region
     checkpoint = copy.deepcopy(model.state_dict())
     if timers is None:
         trak.featurize(data, checkpoints=[checkpoint], batch_size=batch_size)
@@ -204,7 +211,9 @@ def fasttrak_featurize(
     from fasttrak.gradients.vmap import VmapGradients
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(patched(VmapGradients, "__call__", timers, "grads"))
+        # TRAK calls engine.parts() (per-parameter blocks) or engine() (one (B, p) matrix)
+        grads_method = "parts" if "parts" in vars(VmapGradients) else "__call__"
+        stack.enter_context(patched(VmapGradients, grads_method, timers, "grads"))
         stack.enter_context(patched(DenseProjector, "project", timers, "project"))
         stack.enter_context(patched(DenseProjector, "_tile", timers, "matrix_gen"))
         trak.featurize(data, checkpoints=[checkpoint], batch_size=batch_size)
@@ -229,12 +238,19 @@ def time_fasttrak(
 # ----------------------------------------------------------------------------- traker
 
 
-def trak_projector(p: int, k: int) -> Any:
+def trak_projector(p: int, k: int, block_size: int = 100) -> Any:
     # Passed explicitly: with projector=None on device="cpu", TRAKer builds a BasicProjector
     # with dtype float16 (use_half_precision=True) and *normal* entries, ~7x slower on CPU
     # (float16 matmul) and not the Rademacher projection of the paper.
+    # block_size=100 is BasicProjector's default: ceil(k/100) blocks of P regenerated for
+    # every batch. block_size=k keeps one (p, k) block, generated once in __init__.
     return BasicProjector(
-        grad_dim=p, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher, device="cpu"
+        grad_dim=p,
+        proj_dim=k,
+        seed=0,
+        proj_type=ProjectionType.rademacher,
+        device="cpu",
+        block_size=block_size,
     )
 
 
@@ -245,6 +261,7 @@ def trak_featurize(
     batch_size: int,
     save_dir: str,
     timers: Timers | None,
+    block_size: int = 100,
 ) -> None:
     n = len(data)
     traker = _trak.TRAKer(
@@ -254,7 +271,7 @@ def trak_featurize(
         save_dir=save_dir,
         device="cpu",
         proj_dim=k,
-        projector=trak_projector(num_params(model), k),
+        projector=trak_projector(num_params(model), k, block_size),
         logging_level=logging.WARNING,
     )
     if timers is not None:
@@ -272,21 +289,23 @@ def trak_featurize(
         traker.featurize(batch=(x[start:stop], y[start:stop]), num_samples=stop - start)
 
 
-def warm_trak(model_name: str, data: TensorDataset, k: int, batch_size: int) -> None:
+def warm_trak(
+    model_name: str, data: TensorDataset, k: int, batch_size: int, block_size: int = 100
+) -> None:
     x, y = data.tensors
     warm = TensorDataset(x[:batch_size], y[:batch_size])
     with tempfile.TemporaryDirectory() as d:
-        trak_featurize(make_model(model_name), warm, k, batch_size, d, None)
+        trak_featurize(make_model(model_name), warm, k, batch_size, d, None, block_size)
 
 
 def time_trak(
-    model_name: str, data: TensorDataset, k: int, batch_size: int
+    model_name: str, data: TensorDataset, k: int, batch_size: int, block_size: int = 100
 ) -> tuple[float, dict[str, float]]:
     with tempfile.TemporaryDirectory() as d:
         model = make_model(model_name)
         timers = Timers()
         t0 = time.perf_counter()
-        trak_featurize(model, data, k, batch_size, d, timers)
+        trak_featurize(model, data, k, batch_size, d, timers, block_size)
         total = time.perf_counter() - t0
     return len(data) / total, breakdown(timers, total)
 
@@ -311,9 +330,10 @@ def _seconds_matmul(grads: Tensor, p: int, k: int, reps: int) -> float:
 
 
 def _seconds_trak(grads: Tensor, p: int, k: int, reps: int) -> float:
+    # no warm-up call: BasicProjector caches nothing, every call regenerates the matrix
+    # blocks; at most 3 repetitions because each call is slow
     proj = trak_projector(p, k)
-    proj.project(grads, model_id=0)
-    return median_seconds(lambda: proj.project(grads, model_id=0), reps)
+    return median_seconds(lambda: proj.project(grads, model_id=0), min(reps, 3))
 
 
 def bench_projection(p: int, k: int, batch: int, reps: int, use_trak: bool) -> dict[str, Any]:
@@ -354,47 +374,72 @@ def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def share(bd: dict[str, float] | None, key: str) -> str:
+def split(bd: dict[str, float] | None) -> str:
+    """'grads/project(matrix gen)/other' as % of the featurize time."""
     if not bd or not bd.get("total_s"):
         return "-"
-    return f"{100 * bd.get(key, 0.0) / bd['total_s']:.0f}%"
+
+    def pct(key: str) -> str:
+        return f"{100 * bd.get(key, 0.0) / bd['total_s']:.0f}"
+
+    return f"{pct('grads_s')}/{pct('project_s')}({pct('matrix_gen_s')})/{pct('other_s')}"
 
 
 def print_tables(feat_rows: list[dict[str, Any]], proj_rows: list[dict[str, Any]]) -> None:
-    err = sys.stderr
-    print("\nFeaturize (examples/s, higher is better)", file=err)
-    head = (
-        f"{'model':<5} {'p':>7} {'k':>5} {'n':>5} {'B':>4} {'fasttrak':>9} {'traker':>8} "
-        f"{'speedup':>8}  {'ft grad/proj/gen':>17}  {'trak grad/proj/gen':>18}"
-    )
-    print(head, file=err)
-    print("-" * len(head), file=err)
-    for r in feat_rows:
-        fb, tb = r.get("fasttrak_breakdown"), r.get("trak_breakdown")
-        ft_split = "/".join(share(fb, c) for c in ("grads_s", "project_s", "matrix_gen_s"))
-        tr_split = "/".join(share(tb, c) for c in ("grads_s", "project_s", "matrix_gen_s"))
-        print(
-            f"{r['model']:<5} {r['p']:>7} {r['k']:>5} {r['n']:>5} {r['batch_size']:>4} "
-            f"{fmt(r['fasttrak_ex_per_s'], '9.0f')} {fmt(r['trak_ex_per_s'], '8.0f')} "
-            f"{fmt(r['speedup'], '7.1f')}x  {ft_split:>17}  {tr_split:>18}",
-            file=err,
+    """Markdown tables on stderr."""
+
+    def out(*cells: Any) -> None:
+        print("| " + " | ".join(str(c) for c in cells) + " |", file=sys.stderr)
+
+    if feat_rows:
+        print("\nFeaturize, examples/s (higher is better)\n", file=sys.stderr)
+        out(
+            "model",
+            "p",
+            "k",
+            "n",
+            "batch",
+            "fasttrak ex/s",
+            "traker ex/s",
+            "speedup",
+            "traker block_size=k ex/s",
+            "fasttrak % grad/proj(gen)/other",
+            "traker % grad/proj(gen)/other",
         )
-    print(
-        "(grad/proj/gen: share of featurize time in per-example gradients, in project(),"
-        " and in generating the random matrix, which is part of project())",
-        file=err,
-    )
-    print("\nProjection (GFLOP/s = 2*B*p*k/s, median)", file=err)
-    head = f"{'p':>7} {'k':>5} {'B':>4} {'fasttrak':>9} {'matmul':>8} {'ratio':>6} {'traker':>8}"
-    print(head, file=err)
-    print("-" * len(head), file=err)
-    for r in proj_rows:
+        out(*["---"] * 11)
+        for r in feat_rows:
+            out(
+                r["model"],
+                r["p"],
+                r["k"],
+                r["n"],
+                r["batch_size"],
+                fmt(r["fasttrak_ex_per_s"], ".0f"),
+                fmt(r["trak_ex_per_s"], ".0f"),
+                fmt(r["speedup"], ".1f") + ("x" if r["speedup"] else ""),
+                fmt(r["trak_cached_ex_per_s"], ".0f"),
+                split(r.get("fasttrak_breakdown")),
+                split(r.get("trak_breakdown")),
+            )
         print(
-            f"{r['p']:>7} {r['k']:>5} {r['batch']:>4} {fmt(r['fasttrak_gflops'], '9.1f')} "
-            f"{fmt(r['matmul_gflops'], '8.1f')} {fmt(r['ratio'], '6.2f')} "
-            f"{fmt(r['trak_gflops'], '8.2f')}",
-            file=err,
+            "\ngrad/proj(gen)/other: % of featurize time in per-example gradients, in project()"
+            " (in parentheses: generating the random matrix, part of project()), and the rest",
+            file=sys.stderr,
         )
+    if proj_rows:
+        print("\nProjection, GFLOP/s = 2*B*p*k/s (median)\n", file=sys.stderr)
+        out("p", "k", "batch", "fasttrak project", "torch.matmul", "ratio", "traker project")
+        out(*["---"] * 7)
+        for r in proj_rows:
+            out(
+                r["p"],
+                r["k"],
+                r["batch"],
+                fmt(r["fasttrak_gflops"], ".1f"),
+                fmt(r["matmul_gflops"], ".1f"),
+                fmt(r["ratio"], ".2f"),
+                fmt(r["trak_gflops"], ".2f"),
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -408,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="projection repetitions (5)")
     parser.add_argument(
         "--repeat", type=int, default=None, help="timed featurize runs per package, best kept (2)"
+    )
+    parser.add_argument(
+        "--only", choices=["featurize", "projection"], default=None, help="run one part only"
     )
     parser.add_argument("--no-trak", action="store_true", help="skip the traker reference")
     args = parser.parse_args(argv)
@@ -439,6 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         p = num_params(make_model(model_name))
         for k in ks:
             shapes.append((p, k))
+            if args.only == "projection":
+                continue
             row: dict[str, Any] = {
                 "bench": "featurize",
                 "model": model_name,
@@ -449,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
                 "fasttrak_ex_per_s": None,
                 "trak_ex_per_s": None,
                 "speedup": None,
+                "trak_cached_ex_per_s": None,
+                "speedup_vs_trak_cached": None,
                 "threads": torch.get_num_threads(),
             }
             notes = []
@@ -457,32 +509,44 @@ def main(argv: list[str] | None = None) -> None:
                 notes.append(f"fasttrak.TRAK not available: {FT_IMPORT_ERROR}")
             if not use_trak:
                 notes.append(trak_note)
-            runs: dict[str, list[tuple[float, dict[str, float]]]] = {"fasttrak": [], "trak": []}
+            runs: dict[str, list[tuple[float, dict[str, float]]]] = {
+                "fasttrak": [],
+                "trak": [],
+                "trak_cached": [],
+            }
             if have_ft:
                 warm_fasttrak(model_name, data, k, batch_size)
             if use_trak:
                 warm_trak(model_name, data, k, batch_size)
+                warm_trak(model_name, data, k, batch_size, block_size=k)
             row["loadavg_1min"] = round(os.getloadavg()[0], 2)
             for _ in range(repeat):  # interleaved, so that background load hits both alike
                 if have_ft:
                     runs["fasttrak"].append(time_fasttrak(model_name, data, k, batch_size))
                 if use_trak:
                     runs["trak"].append(time_trak(model_name, data, k, batch_size))
+                    runs["trak_cached"].append(
+                        time_trak(model_name, data, k, batch_size, block_size=k)
+                    )
             for pkg, results in runs.items():
                 if results:
                     rate, bd = max(results, key=lambda r: r[0])
                     row[f"{pkg}_ex_per_s"] = round(rate, 1)
                     row[f"{pkg}_runs_ex_per_s"] = [round(r[0], 1) for r in results]
                     row[f"{pkg}_breakdown"] = bd
+            row["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
             if row["fasttrak_ex_per_s"] and row["trak_ex_per_s"]:
                 row["speedup"] = round(row["fasttrak_ex_per_s"] / row["trak_ex_per_s"], 2)
+                row["speedup_vs_trak_cached"] = round(
+                    row["fasttrak_ex_per_s"] / row["trak_cached_ex_per_s"], 2
+                )
             if notes:
                 row["note"] = "; ".join(notes)
             emit(row)
             feat_rows.append(row)
 
     proj_rows = []
-    for p, k in shapes:
+    for p, k in shapes if args.only != "featurize" else []:
         row = bench_projection(p, k, batch_size, reps, use_trak)
         row["threads"] = torch.get_num_threads()
         emit(row)

@@ -56,7 +56,10 @@ class TRAK:
             models). Chosen at scoring time: the stored features serve both.
         kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
             groups of k / B) and averages the B estimates, a virtual ensemble.
-        vmap_chunk_size: examples per vmap call inside a batch (bounds activation memory).
+        vmap_chunk_size: examples per vmap call inside a batch: bounds the memory of
+            intermediate activations for large batches (None: the whole batch at once).
+            Chunking costs speed (2x for a small MLP at chunk 32), so the default 128 leaves
+            the default batch of 64 whole.
         progress: show progress bars.
     """
 
@@ -77,7 +80,7 @@ class TRAK:
         precision: kernel_ops.Precision = "float32",
         kernel: kernel_ops.Weighting = "plain",
         kernel_blocks: int = 1,
-        vmap_chunk_size: int | None = 32,
+        vmap_chunk_size: int | None = 128,
         progress: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):

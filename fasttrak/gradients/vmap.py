@@ -22,7 +22,7 @@ class VmapGradients:
     """
 
     def __init__(
-        self, model: nn.Module, task: Task, selected: Sequence[str], chunk_size: int | None = 32
+        self, model: nn.Module, task: Task, selected: Sequence[str], chunk_size: int | None = 128
     ) -> None:
         self.model = model
         self.task = task
