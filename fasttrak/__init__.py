@@ -7,6 +7,7 @@ scores = trak.score(target_set)      # ft.Scores, np.asarray(scores): (n_targets
 """
 
 from fasttrak import evaluate, projection, tasks
+from fasttrak.ensembles import DropoutMask, dropout_ensemble
 from fasttrak.errors import (
     CheckpointMismatchError,
     FastTrakError,
@@ -28,6 +29,8 @@ __all__ = [
     "Scores",
     "StoreMismatchError",
     "TopK",
+    "DropoutMask",
+    "dropout_ensemble",
     "evaluate",
     "projection",
     "soft_threshold",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from fasttrak import kernel as kernel_ops
 from fasttrak.checkpoints import Checkpoint, fingerprint, load_state
 from fasttrak.data import Rows, as_rows, to_device
+from fasttrak.ensembles import DropoutMask, fixed_dropout
 from fasttrak.errors import CheckpointMismatchError, NonFiniteGradientError, NotFeaturizedError
 from fasttrak.gradients import ParamSpec, VmapGradients, select_parameters
 from fasttrak.projection import Projector, ProjectorConfig, resolve_projector
@@ -123,14 +125,14 @@ class TRAK:
         rows = chunk_rows if chunk_rows is not None else (existing.chunk_rows if existing else 512)
         self.store = Store.open(store, {**meta, "chunk_rows": rows})
         self.engine = VmapGradients(model, self.task, self.selected, vmap_chunk_size)
-        self._states: list[dict[str, Tensor]] = []
+        self._members: list[_Member] = []
         self._projector_of: tuple[int, Projector] | None = None  # only the current model's
 
     # ------------------------------------------------------------------ featurize
     def featurize(
         self,
         train_set: Any,
-        checkpoints: Sequence[Checkpoint] | None = None,
+        checkpoints: Sequence[Checkpoint | DropoutMask] | None = None,
         batch_size: int | None = None,
         overwrite: bool = False,
     ) -> None:
@@ -143,29 +145,28 @@ class TRAK:
         n = len(rows)
         if n == 0:
             raise ValueError("the training set is empty; pass a dataset with at least one example")
-        states = self._load_states(checkpoints)
-        self._check_first_batch(rows, states[0])
-        prints = [fingerprint(state) for state in states]
+        members = self._load_members(checkpoints)
+        self._check_first_batch(rows, members[0].state)
         self.store.set_num_train(n)  # records n, or raises StoreMismatchError for another n
-        for m, (state, print_) in enumerate(zip(states, prints, strict=True)):
-            ck = self.store.open_checkpoint(m, print_, overwrite)
+        for m, member in enumerate(members):
+            ck = self.store.open_checkpoint(m, member.fingerprint, overwrite)
             pending = ck.pending_chunks()
             if not pending:
                 continue
             total = sum(ck.chunk_slice(c).stop - ck.chunk_slice(c).start for c in pending)
             bar = tqdm(
                 total=total,
-                desc=f"featurize model {m + 1}/{len(states)}",
+                desc=f"featurize model {m + 1}/{len(members)}",
                 unit="ex",
                 disable=not self.progress,
                 leave=False,
             )
-            with bar, self._eval_mode():
-                device_state = self._to_device(state)
+            with bar, self._eval_mode(), fixed_dropout(self.model, member.mask, self.seed):
+                device_state = self._to_device(member.state)
                 for c in pending:
                     phi, q = self._features(rows, ck.chunk_slice(c), device_state, m, bar)
                     ck.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy())
-        self._states = states
+        self._members = members
 
     def _features(
         self, rows: Rows, chunk: slice, state: dict[str, Tensor], m: int, bar: Any = None
@@ -281,7 +282,7 @@ class TRAK:
     def score(
         self,
         targets: Any,
-        checkpoints: Sequence[Checkpoint] | None = None,
+        checkpoints: Sequence[Checkpoint | DropoutMask] | None = None,
         batch_size: int | None = None,
     ) -> Scores:
         """Scores of every training example for each target: ``(n_targets, n_train)``.
@@ -291,23 +292,23 @@ class TRAK:
         """
         ids = self._complete_checkpoints()
         if checkpoints is not None:
-            states = self._load_states(checkpoints)
-        elif self._states:
-            states = self._states
+            members = self._load_members(checkpoints)
+        elif self._members:
+            members = self._members
         else:
             raise NotFeaturizedError(
                 "this TRAK object has not featurized anything: pass checkpoints= to score on an "
                 "existing store, or call featurize first"
             )
-        if len(states) != len(ids):
+        if len(members) != len(ids):
             raise ValueError(
-                f"the store holds features of {len(ids)} models but {len(states)} checkpoints "
+                f"the store holds features of {len(ids)} models but {len(members)} checkpoints "
                 "were given; pass all of them, in the order they were featurized"
             )
-        for m, state in zip(ids, states, strict=True):
+        for m, member in zip(ids, members, strict=True):
             ck = self.store.checkpoint(m)
             assert ck is not None
-            if ck.fingerprint != fingerprint(state):
+            if ck.fingerprint != member.fingerprint:
                 raise CheckpointMismatchError(
                     f"checkpoint {m} differs from the one whose training features are stored; "
                     "pass the same checkpoints, in the same order, as to featurize"
@@ -315,13 +316,14 @@ class TRAK:
         target_rows = as_rows(targets, batch_size or self.batch_size)
         if len(target_rows) == 0:
             raise ValueError("the target set is empty; pass at least one target example")
-        self._check_first_batch(target_rows, states[0])
+        self._check_first_batch(target_rows, members[0].state)
         solved = []
         with self._eval_mode():
-            for m, state in zip(ids, states, strict=True):
-                phi, _ = self._features(
-                    target_rows, slice(0, len(target_rows)), self._to_device(state), m
-                )
+            for m, member in zip(ids, members, strict=True):
+                with fixed_dropout(self.model, member.mask, self.seed):
+                    phi, _ = self._features(
+                        target_rows, slice(0, len(target_rows)), self._to_device(member.state), m
+                    )
                 # Mean over the kernel's blocks: Σ_b Φ_b K_bb⁻¹ φ_b / B.
                 solved.append(kernel_ops.solve(self._factor(m), phi.cpu().T) / self.kernel_blocks)
         cks = [self.store.checkpoint(m) for m in ids]
@@ -339,14 +341,27 @@ class TRAK:
             )
         return self._projector_of[1]
 
-    def _load_states(self, checkpoints: Sequence[Checkpoint] | None) -> list[dict[str, Tensor]]:
+    def _load_members(
+        self, checkpoints: Sequence[Checkpoint | DropoutMask] | None
+    ) -> list[_Member]:
+        """The ensemble: each checkpoint's weights, dropout mask (or None) and fingerprint."""
         if checkpoints is None:
-            return [load_state(self.model, None)]
-        if isinstance(checkpoints, (str, Path)) or isinstance(checkpoints, dict):
+            checkpoints = [None]  # type: ignore[list-item]
+        elif isinstance(checkpoints, (str, Path, dict, DropoutMask)):
             raise TypeError("checkpoints= takes a list of checkpoints; wrap a single one: [ckpt]")
         if len(checkpoints) == 0:
             raise ValueError("checkpoints= is empty; pass at least one state dict or path")
-        return [load_state(self.model, c) for c in checkpoints]
+        members = []
+        for checkpoint in checkpoints:
+            mask = checkpoint.mask if isinstance(checkpoint, DropoutMask) else None
+            raw = checkpoint.checkpoint if isinstance(checkpoint, DropoutMask) else checkpoint
+            state = load_state(self.model, raw)
+            print_ = fingerprint(state) + ("" if mask is None else f"+dropout{mask}")
+            members.append(_Member(state, mask, print_))
+        if any(member.mask is not None for member in members):
+            with fixed_dropout(self.model, 0, self.seed):  # raises if the model has no dropout
+                pass
+        return members
 
     def _to_device(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: t.to(self.device) for name, t in state.items()}
@@ -374,6 +389,15 @@ class TRAK:
         finally:
             for module, training in modes.items():
                 module.train(training)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One model of the ensemble: weights (CPU), dropout-mask member or None, fingerprint."""
+
+    state: dict[str, Tensor]
+    mask: int | None
+    fingerprint: str
 
 
 def _has_store(location: str | Path) -> bool:
