@@ -284,17 +284,26 @@ class TRAK:
         targets: Any,
         checkpoints: Sequence[Checkpoint | DropoutMask] | None = None,
         batch_size: int | None = None,
+        models: Sequence[int] | None = None,
     ) -> Scores:
         """Scores of every training example for each target: ``(n_targets, n_train)``.
 
         Uses the checkpoints of the last :meth:`featurize` call, or ``checkpoints`` (which
-        must be the ones the store was featurized with, in the same order).
+        must be the ones the store was featurized with, in the same order). ``models``
+        restricts the ensemble to some stored model indices (e.g. ``range(5)`` of 20, to see
+        how LDS grows with the number of models); ``checkpoints`` then lists just those.
         """
-        ids = self._complete_checkpoints()
+        stored = self._complete_checkpoints()
+        ids = stored if models is None else [int(m) for m in models]
+        unknown = sorted(set(ids) - set(stored))
+        if unknown or not ids or len(set(ids)) != len(ids):
+            raise ValueError(
+                f"models= must list distinct stored model indices {stored}; got {list(ids)}"
+            )
         if checkpoints is not None:
             members = self._load_members(checkpoints)
         elif self._members:
-            members = self._members
+            members = self._members if models is None else [self._members[m] for m in ids]
         else:
             raise NotFeaturizedError(
                 "this TRAK object has not featurized anything: pass checkpoints= to score on an "

@@ -168,3 +168,20 @@ def test_soft_threshold():
     np.testing.assert_allclose(ft.soft_threshold(scores, keep=1.0), scores)
     with pytest.raises(ValueError, match="fraction"):
         ft.soft_threshold(scores, keep=0)
+
+
+def test_scoring_a_subset_of_the_stored_models():
+    models = [make_mlp(seed=s) for s in range(3)]
+    x, y = make_data(40, seed=1)
+    xt, yt = make_data(4, seed=2)
+    trak = ft.TRAK(
+        make_mlp(), projector="identity", ridge=1e-3, precision="float64", progress=False
+    )
+    trak.featurize((x, y), checkpoints=[m.state_dict() for m in models])
+    subset = np.asarray(trak.score((xt, yt), models=[0, 2]))
+    expected, _ = closed_form([models[0], models[2]], x, y, xt, yt, 1e-3)
+    np.testing.assert_allclose(subset, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
+    by_checkpoints = trak.score((xt, yt), checkpoints=[models[0], models[2]], models=[0, 2])
+    np.testing.assert_allclose(np.asarray(by_checkpoints), subset)
+    with pytest.raises(ValueError, match="distinct stored model indices"):
+        trak.score((xt, yt), models=[0, 5])
