@@ -24,6 +24,7 @@ from fasttrak.ensembles import DropoutMask, fixed_dropout
 from fasttrak.errors import CheckpointMismatchError, NonFiniteGradientError, NotFeaturizedError
 from fasttrak.gradients import ParamSpec, VmapGradients, select_parameters
 from fasttrak.projection import Projector, ProjectorConfig, resolve_projector
+from fasttrak.projection.factored import Factored, FactoredProjector
 from fasttrak.scoring import Scores
 from fasttrak.store import FEATURE_DTYPES, CheckpointStore, Store
 from fasttrak.tasks import ImageClassification, Task
@@ -111,11 +112,23 @@ class TRAK:
         named = dict(model.named_parameters())
         self.param_numels = {name: named[name].numel() for name in self.selected}
         self.projector_config = resolve_projector(projector)
-        self.k = self.projector_config.output_dim(proj_dim, sum(self.param_numels.values()))
+        self.proj_dim = proj_dim
+        self.excluded: list[str] = []
+        """Selected parameters a factored projector leaves out (``Factored(others="exclude")``)."""
+        if isinstance(self.projector_config, Factored):
+            factored = self.projector_config
+            projector_spec = factored.spec_for(model, self.selected, proj_dim)
+            self.excluded = factored.excluded(model, self.selected)
+            self.selected = factored.covered_params(model, self.selected)
+            self.param_numels = {name: named[name].numel() for name in self.selected}
+            self.k = int(projector_spec["k"])
+        else:
+            self.k = self.projector_config.output_dim(proj_dim, sum(self.param_numels.values()))
+            projector_spec = self.projector_config.spec(self.k)
         kernel_ops.block_slices(self.k, kernel_blocks)  # raises for a bad number of blocks
         meta = {
             "task": self.task.spec(),
-            "projector": self.projector_config.spec(self.k),
+            "projector": projector_spec,
             "seed": seed,
             "k": self.k,
             "params": {name: list(named[name].shape) for name in self.selected},
@@ -187,6 +200,12 @@ class TRAK:
             with torch.no_grad():
                 qs.append(self.task.out_to_loss(self._forward(state), batch).float())
             self._check_finite(qs[-1], where.start, m)
+            if isinstance(projector, FactoredProjector):  # features straight from layer hooks
+                feats.append(projector.features(self.model, self.task, state, batch))
+                self._check_finite(feats[-1], where.start, m)
+                if bar is not None:
+                    bar.update(where.stop - where.start)
+                continue
             group.append(self.engine.parts(state, batch))
             group_size += where.stop - where.start
             if group_size >= projector.group_rows:
@@ -344,10 +363,14 @@ class TRAK:
         up to ``cache_bytes`` (1 GiB by default), so holding one per model would not scale."""
         if self._projector_of is None or self._projector_of[0] != m:
             self._projector_of = None  # release the previous matrix before building the next
-            self._projector_of = (
-                m,
-                self.projector_config.build(self.param_numels, self.k, self.seed, m, self.device),
-            )
+            config = self.projector_config
+            if isinstance(config, Factored):
+                built: Projector = config.build_factored(
+                    self.model, self.selected, self.proj_dim, self.seed, m, self.device
+                )
+            else:
+                built = config.build(self.param_numels, self.k, self.seed, m, self.device)
+            self._projector_of = (m, built)
         return self._projector_of[1]
 
     def _load_members(

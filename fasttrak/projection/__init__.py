@@ -8,12 +8,15 @@ Choose one by name in :class:`fasttrak.TRAK` (``projector="dense"``, ``"sjlt"``,
 
 from fasttrak.projection.base import Projector, ProjectorConfig, resolve_projector
 from fasttrak.projection.dense import Dense, DenseProjector, projection_seed
+from fasttrak.projection.factored import Factored, FactoredProjector
 from fasttrak.projection.identity import Identity, IdentityProjector
 from fasttrak.projection.sjlt import SJLT, SJLTProjector
 from fasttrak.projection.srht import SRHT, SRHTProjector, fwht
 
 __all__ = [
     "Dense",
+    "Factored",
+    "FactoredProjector",
     "DenseProjector",
     "Identity",
     "IdentityProjector",

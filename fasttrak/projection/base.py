@@ -52,12 +52,14 @@ def resolve_projector(projector: str | ProjectorConfig) -> ProjectorConfig:
     """Turn a projector name (``"dense"``, ``"sjlt"``, ``"srht"``, ``"identity"``) or config
     instance into a config."""
     from fasttrak.projection.dense import Dense
+    from fasttrak.projection.factored import Factored
     from fasttrak.projection.identity import Identity
     from fasttrak.projection.sjlt import SJLT
     from fasttrak.projection.srht import SRHT
 
     by_name: dict[str, ProjectorConfig] = {
         "dense": Dense(),
+        "factored": Factored(),
         "identity": Identity(),
         "sjlt": SJLT(),
         "srht": SRHT(),

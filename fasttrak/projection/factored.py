@@ -1,0 +1,251 @@
+"""Factored per-layer projection (LoGra-style): ``P_out ⊗ P_in`` per covered layer.
+
+Instead of forming per-example gradients ``(B, p)`` and projecting them, each covered layer
+(nn.Linear, nn.Conv2d, nn.Embedding) gets two small random matrices, ``P_in`` (d_in' × k_in)
+and ``P_out`` (d_out × k_out), and its feature block is the projection of the exact
+per-example weight(+bias) gradient by their Kronecker product, computed from the layer's
+input activations and output gradients (see :mod:`fasttrak.gradients.hooks`). The total
+feature dimension is ``Σ_layers k_in · k_out``. See docs/factored.md.
+
+Both factors are Rademacher (±1/√k_in, ±1/√k_out), so ``E[(P_out ⊗ P_in)(P_out ⊗ P_in)ᵀ] = I``.
+They are pure functions of (seed, model index, layer name, coordinate): rows are generated
+in tiles of ``TILE_ROWS`` with :func:`~fasttrak.projection.dense.generate_tile`, seeded by
+``projection_seed(seed, model_id, f"{layer}/in" | f"{layer}/out", tile)``, on the CPU, so
+they are identical on every device and for every batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fasttrak.gradients.hooks import COVERED_TYPES, FactoredFeatures, LayerSpec, layer_spec
+from fasttrak.projection.dense import TILE_ROWS, generate_tile, projection_seed
+from fasttrak.tasks.base import Task
+
+VERSION = 1
+
+
+def _factor(rows: int, k: int, seed: int, model_id: int, name: str) -> Tensor:
+    """A (rows, k) Rademacher factor, built from independently seeded TILE_ROWS-row tiles."""
+    tiles = [
+        generate_tile(
+            min(TILE_ROWS, rows - t * TILE_ROWS),
+            k,
+            "rademacher",
+            projection_seed(seed, model_id, name, t),
+        )
+        for t in range(math.ceil(rows / TILE_ROWS))
+    ]
+    return torch.cat(tiles) if tiles else torch.empty((0, k))
+
+
+@dataclass
+class FactoredProjector:
+    """Per-layer factors of one model index, and the featurizer that uses them.
+
+    Unlike the other projectors it does not consume gradients: call :meth:`features`
+    with the model, task, state and batch. ``group_rows`` is 1 (nothing to amortise).
+    """
+
+    layers: list[LayerSpec]
+    p_in: dict[str, Tensor]
+    p_out: dict[str, Tensor]
+    group_rows: int = 1
+    _engine: FactoredFeatures | None = field(default=None, init=False, repr=False)
+    _engine_key: tuple[int, int] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def k(self) -> int:
+        return sum(self.p_in[ly.name].shape[1] * self.p_out[ly.name].shape[1] for ly in self.layers)
+
+    @property
+    def params(self) -> list[str]:
+        """The parameters whose gradients the features project, in feature order."""
+        return [p for ly in self.layers for p in ly.params]
+
+    def features(
+        self, model: nn.Module, task: Task, state: dict[str, Tensor], batch: Any
+    ) -> Tensor:
+        """(B, k) float32 features of ``batch`` for the weights ``state`` (all parameters
+        and buffers by name, on the compute device). The model must be in eval mode."""
+        key = (id(model), id(task))
+        if self._engine is None or self._engine_key != key:
+            self._engine = FactoredFeatures(model, task, self.layers, self.p_in, self.p_out)
+            self._engine_key = key
+        return self._engine(state, batch)
+
+    def kron(self, name: str) -> Tensor:
+        """The explicit (p_layer, k_layer) matrix ``P_rows ⊗ P_cols`` of one layer (tests and
+        small layers only): ``features[:, block] == grads[:, layer params] @ kron(name)``
+        with the gradient in ``[W | b]`` homogeneous layout (bias as the last column)."""
+        layer = next(ly for ly in self.layers if ly.name == name)
+        if layer.kind == "embedding":
+            return torch.kron(self.p_in[name], self.p_out[name])
+        return torch.kron(self.p_out[name], self.p_in[name])
+
+    def project(self, grads: Any) -> Tensor:
+        raise TypeError(
+            "the factored projector does not project gradients; call "
+            "FactoredProjector.features(model, task, state, batch)"
+        )
+
+
+@dataclass(frozen=True)
+class Factored:
+    """Factored per-layer (Kronecker) projection of nn.Linear/nn.Conv2d/nn.Embedding layers.
+
+    k_in, k_out: per-layer factor dimensions. When both are None, k_in = k_out =
+        max(1, round(sqrt(proj_dim / L))) for L covered layers, so the total dimension
+        L · k_in · k_out is close to proj_dim (not equal in general). When one is given,
+        the other is max(1, round(proj_dim / (L · given))). No clipping: a factor may be
+        wider than its layer (k_in > d_in'); it is still a random JL map, just wasteful.
+    others: what to do with selected parameters outside covered layers (BatchNorm, LayerNorm,
+        free tensors...): "error" (default) raises ValueError listing them; "exclude" drops
+        them from the attribution (see :meth:`excluded`).
+
+    A layer is covered when its weight or its bias is selected; exactly the selected ones are
+    projected (a selected bias is the homogeneous coordinate; an unselected bias is ignored).
+    """
+
+    k_in: int | None = None
+    k_out: int | None = None
+    others: Literal["error", "exclude"] = "error"
+
+    def __post_init__(self) -> None:
+        if self.others not in ("error", "exclude"):
+            raise ValueError(f"others must be 'error' or 'exclude', got {self.others!r}")
+        for name in ("k_in", "k_out"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+    # ------------------------------------------------------------------ layers
+    def _split(self, model: nn.Module, selected: Sequence[str]) -> tuple[list[str], list[str]]:
+        chosen = set(selected)
+        covered: list[str] = []
+        inside: set[str] = set()
+        for name, module in model.named_modules():
+            if not isinstance(module, COVERED_TYPES):
+                continue
+            prefix = f"{name}." if name else ""
+            own = {f"{prefix}{p}" for p, _ in module.named_parameters(recurse=False)}
+            if own & chosen:
+                covered.append(name)
+                inside |= own & chosen
+        return covered, [n for n in selected if n not in inside]
+
+    def layers(self, model: nn.Module, selected: Sequence[str]) -> list[str]:
+        """Covered layer names (model.named_modules() order) among the selected parameters.
+
+        Raises ValueError for selected parameters outside covered layers when
+        ``others="error"``, and when no layer is covered."""
+        covered, outside = self._split(model, selected)
+        if outside and self.others == "error":
+            raise ValueError(
+                f"the factored projection covers nn.Linear, nn.Conv2d and nn.Embedding layers, "
+                f"but these selected parameters are outside them: {outside}; exclude them with "
+                "params= (e.g. params=[nn.Linear, nn.Conv2d]) or use "
+                "projector=Factored(others='exclude') to drop them from the attribution"
+            )
+        if not covered:
+            raise ValueError(
+                "no selected parameter belongs to an nn.Linear, nn.Conv2d or nn.Embedding "
+                "layer; the factored projection has nothing to project"
+            )
+        return covered
+
+    def excluded(self, model: nn.Module, selected: Sequence[str]) -> list[str]:
+        """Selected parameters that the projection drops (non-empty only with "exclude")."""
+        return self._split(model, selected)[1]
+
+    def layer_specs(self, model: nn.Module, selected: Sequence[str]) -> list[LayerSpec]:
+        return [layer_spec(model, name, selected) for name in self.layers(model, selected)]
+
+    def covered_params(self, model: nn.Module, selected: Sequence[str]) -> list[str]:
+        """The parameters actually attributed, in feature order (weight then bias per layer)."""
+        return [p for ly in self.layer_specs(model, selected) for p in ly.params]
+
+    # ------------------------------------------------------------------ dims
+    def dims(self, num_layers: int, proj_dim: int) -> tuple[int, int]:
+        """(k_in, k_out) for every layer."""
+        if proj_dim < 1:
+            raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
+        if self.k_in is not None and self.k_out is not None:
+            return self.k_in, self.k_out
+        if self.k_in is not None:
+            return self.k_in, max(1, round(proj_dim / (num_layers * self.k_in)))
+        if self.k_out is not None:
+            return max(1, round(proj_dim / (num_layers * self.k_out))), self.k_out
+        side = max(1, round(math.sqrt(proj_dim / num_layers)))
+        return side, side
+
+    def output_dim_for(self, model: nn.Module, selected: Sequence[str], proj_dim: int) -> int:
+        """The feature dimension Σ_layers k_in · k_out."""
+        layers = self.layers(model, selected)
+        k_in, k_out = self.dims(len(layers), proj_dim)
+        return len(layers) * k_in * k_out
+
+    def spec(self, k: int) -> dict[str, Any]:
+        """Store identity (protocol form: the configured, unresolved k_in/k_out)."""
+        return {
+            "kind": "factored",
+            "distribution": "rademacher",
+            "k": k,
+            "k_in": self.k_in,
+            "k_out": self.k_out,
+            "others": self.others,
+            "tile_rows": TILE_ROWS,
+            "version": VERSION,
+        }
+
+    def spec_for(self, model: nn.Module, selected: Sequence[str], proj_dim: int) -> dict[str, Any]:
+        """Full store identity: :meth:`spec` plus the resolved per-layer dims and layers."""
+        specs = self.layer_specs(model, selected)
+        k_in, k_out = self.dims(len(specs), proj_dim)
+        return {
+            **self.spec(len(specs) * k_in * k_out),
+            "k_in": k_in,
+            "k_out": k_out,
+            "layers": {ly.name: [ly.kind, ly.d_in, ly.d_out] for ly in specs},
+            "excluded": self.excluded(model, selected),
+        }
+
+    # ------------------------------------------------------------------ build
+    def build_factored(
+        self,
+        model: nn.Module,
+        selected: Sequence[str],
+        proj_dim: int,
+        seed: int,
+        model_id: int,
+        device: torch.device | str,
+    ) -> FactoredProjector:
+        specs = self.layer_specs(model, selected)
+        k_in, k_out = self.dims(len(specs), proj_dim)
+        p_in = {
+            ly.name: _factor(ly.d_in, k_in, seed, model_id, f"{ly.name}/in").to(device)
+            for ly in specs
+        }
+        p_out = {
+            ly.name: _factor(ly.d_out, k_out, seed, model_id, f"{ly.name}/out").to(device)
+            for ly in specs
+        }
+        return FactoredProjector(specs, p_in, p_out)
+
+    # The gradient-projector protocol cannot express a model-dependent projection.
+    def output_dim(self, k: int, num_params: int) -> int:
+        raise TypeError("Factored needs the model: call output_dim_for(model, selected, proj_dim)")
+
+    def build(
+        self, param_numels: dict[str, int], k: int, seed: int, model_id: int, device: torch.device
+    ) -> FactoredProjector:
+        raise TypeError(
+            "Factored needs the model: call build_factored(model, selected, proj_dim, seed, "
+            "model_id, device)"
+        )
