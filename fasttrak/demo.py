@@ -200,9 +200,11 @@ def make_trak(
     ridge: float | None = None,
     config: TrainConfig = TrainConfig(),
     progress: bool = True,
+    **options: Any,
 ) -> ft.TRAK:
-    """A TRAK object for the demo MLP (featurized in batches of 250 rows)."""
-    kwargs: dict[str, Any] = {} if ridge is None else {"ridge": ridge}
+    """A TRAK object for the demo MLP (featurized in batches of 250 rows); ``options`` are
+    further ``ft.TRAK`` keywords (projector, kernel, ...)."""
+    kwargs: dict[str, Any] = dict(options) if ridge is None else {**options, "ridge": ridge}
     return ft.TRAK(
         make_model(config),
         task=ft.tasks.ImageClassification(),

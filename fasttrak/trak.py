@@ -29,6 +29,11 @@ from fasttrak.scoring import Scores
 from fasttrak.store import FEATURE_DTYPES, CheckpointStore, Store
 from fasttrak.tasks import ImageClassification, Task
 
+DEFAULT_KERNEL_BLOCKS = 4
+"""Kernel blocks when k >= 1024. Measured (docs/lds_vs_cost.md): with Gauss-Newton at
+k = 1024, 4 blocks add ~0.04 LDS at 5 models on an MLP and a CNN; blocks of 64 coordinates
+(k = 256) lose 0.05-0.17, hence no blocks below k = 1024."""
+
 
 class TRAK:
     """TRAK attribution for a PyTorch model.
@@ -38,9 +43,11 @@ class TRAK:
             :meth:`featurize` (the model itself is never modified).
         task: what is attributed (default :class:`~fasttrak.tasks.ImageClassification`).
         proj_dim: k, the projected feature dimension.
-        projector: ``"dense"`` (Rademacher), ``"sjlt"`` (sparse JL), ``"srht"`` (subsampled
-            randomized Hadamard), ``"identity"`` (no projection, k = p), or a configured
-            instance such as ``ft.projection.SJLT(s=4)`` (see docs/projections.md).
+        projector: ``"srht"`` (default: block subsampled randomized Hadamard), ``"sjlt"``
+            (sparse JL), ``"dense"`` (Rademacher, the reference TRAK projection),
+            ``"factored"`` (per-layer Kronecker, from layer hooks), ``"identity"`` (no
+            projection, k = p), or a configured instance such as ``ft.projection.SJLT(s=4)``
+            (see docs/projections.md; defaults chosen in docs/lds_vs_cost.md).
         store: a directory for the zarr store (resumable), or None to keep it in memory.
         device: where gradients and projections are computed.
         seed: seed of the random projection (features are a pure function of it).
@@ -54,11 +61,12 @@ class TRAK:
             :data:`fasttrak.kernel.DEFAULT_RIDGE`).
         precision: ``"float32"`` or ``"float64"`` products when building the kernel
             (always summed in float64).
-        kernel: ``"plain"`` (Φᵀ Φ, the paper's) or ``"gauss_newton"`` (Φᵀ R Φ with
-            R = p (1 - p) = Q (1 - Q) per training example; influence functions on convex
-            models). Chosen at scoring time: the stored features serve both.
+        kernel: ``"gauss_newton"`` (default: Φᵀ R Φ with R = p (1 - p) = Q (1 - Q) per
+            training example; influence functions on convex models) or ``"plain"`` (Φᵀ Φ,
+            the paper's). Chosen at scoring time: the stored features serve both.
         kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
-            groups of k / B) and averages the B estimates, a virtual ensemble.
+            groups of k / B) and averages the B estimates, a virtual ensemble. Default:
+            4 when k >= 1024 (blocks of >= 256 coordinates), else 1.
         vmap_chunk_size: examples per vmap call inside a batch: bounds the memory of
             intermediate activations for large batches (None: the whole batch at once).
             Chunking costs speed (2x for a small MLP at chunk 32), so the default 128 leaves
@@ -71,7 +79,7 @@ class TRAK:
         model: nn.Module,
         task: Task | None = None,
         proj_dim: int = 2048,
-        projector: str | ProjectorConfig = "dense",
+        projector: str | ProjectorConfig = "srht",
         store: str | Path | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
@@ -81,8 +89,8 @@ class TRAK:
         feature_dtype: str = "float32",
         ridge: float = kernel_ops.DEFAULT_RIDGE,
         precision: kernel_ops.Precision = "float32",
-        kernel: kernel_ops.Weighting = "plain",
-        kernel_blocks: int = 1,
+        kernel: kernel_ops.Weighting = "gauss_newton",
+        kernel_blocks: int | None = None,
         vmap_chunk_size: int | None = 128,
         progress: bool = True,
     ) -> None:
@@ -106,7 +114,6 @@ class TRAK:
         self.ridge = ridge
         self.precision = precision
         self.kernel = kernel
-        self.kernel_blocks = kernel_blocks
         self.progress = progress
         self.selected = select_parameters(model, params)
         named = dict(model.named_parameters())
@@ -125,6 +132,9 @@ class TRAK:
         else:
             self.k = self.projector_config.output_dim(proj_dim, sum(self.param_numels.values()))
             projector_spec = self.projector_config.spec(self.k)
+        if kernel_blocks is None:
+            kernel_blocks = DEFAULT_KERNEL_BLOCKS if self.k >= 1024 else 1
+        self.kernel_blocks = kernel_blocks
         kernel_ops.block_slices(self.k, kernel_blocks)  # raises for a bad number of blocks
         meta = {
             "task": self.task.spec(),

@@ -40,6 +40,7 @@ def test_scores_equal_float64_closed_form(num_models):
     trak = ft.TRAK(
         make_mlp(),
         projector="identity",
+        kernel="plain",
         ridge=ridge,
         precision="float64",
         chunk_rows=16,
@@ -175,7 +176,12 @@ def test_scoring_a_subset_of_the_stored_models():
     x, y = make_data(40, seed=1)
     xt, yt = make_data(4, seed=2)
     trak = ft.TRAK(
-        make_mlp(), projector="identity", ridge=1e-3, precision="float64", progress=False
+        make_mlp(),
+        projector="identity",
+        kernel="plain",
+        ridge=1e-3,
+        precision="float64",
+        progress=False,
     )
     trak.featurize((x, y), checkpoints=[m.state_dict() for m in models])
     subset = np.asarray(trak.score((xt, yt), models=[0, 2]))
