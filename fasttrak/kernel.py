@@ -51,6 +51,11 @@ def ridge_value(gram_matrix: np.ndarray, ridge: float, num_rows: int) -> float:
 def gauss_newton_weights(q: np.ndarray) -> np.ndarray:
     """R = p (1 - p) per example from the out-to-loss weights Q = 1 - p: (n,) float64."""
     q = np.asarray(q, dtype=np.float64)
+    if q.size and (q.min() < 0 or q.max() > 1):
+        raise ValueError(
+            "the Gauss-Newton kernel needs out-to-loss weights Q = 1 - p in [0, 1], but the "
+            f"task's Q spans [{q.min():.3g}, {q.max():.3g}]; use kernel='plain' for this task"
+        )
     return q * (1.0 - q)
 
 

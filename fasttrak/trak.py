@@ -111,6 +111,8 @@ class TRAK:
         self.batch_size = batch_size
         if kernel not in kernel_ops.WEIGHTINGS:
             raise ValueError(f"kernel must be one of {kernel_ops.WEIGHTINGS}, got {kernel!r}")
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0 (a fraction of the kernel's scale), got {ridge}")
         self.ridge = ridge
         self.precision = precision
         self.kernel = kernel

@@ -155,8 +155,14 @@ def test_kernel_options_share_one_store(tmp_path):
 
 
 def test_bad_kernel_options():
+    from fasttrak.kernel import gauss_newton_weights
+
     with pytest.raises(ValueError, match="kernel must be one of"):
         ft.TRAK(make_mlp(), kernel="hessian")
+    with pytest.raises(ValueError, match="ridge must be >= 0"):
+        ft.TRAK(make_mlp(), ridge=-1.0)
+    with pytest.raises(ValueError, match="kernel='plain'"):
+        gauss_newton_weights(np.array([0.2, 1.5]))
     with pytest.raises(ValueError, match="kernel_blocks"):
         ft.TRAK(make_mlp(), proj_dim=8, kernel_blocks=9)
 
