@@ -75,6 +75,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import fasttrak as ft  # noqa: E402
+from fasttrak import demo  # noqa: E402
 from fasttrak import kernel as kernel_ops  # noqa: E402
 from fasttrak.demo import (  # noqa: E402
     DigitsData,
@@ -154,18 +155,10 @@ def train_cnn(
     """Like fasttrak.demo.train for the CNN: deterministic full-batch Adam on one thread."""
     mask_t = torch.as_tensor(np.asarray(mask, dtype=bool))
     x, y = data.x_train[mask_t], data.y_train[mask_t]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with demo.torch_threads(1):
         torch.manual_seed(seed)
         model = make_cnn(config)
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        for _ in range(config.steps):
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(before)
+        demo.fit(model, x, y, config.steps, config.lr, config.weight_decay)
     return model.eval()
 
 

@@ -154,12 +154,17 @@ def train(
     with torch_threads(1):
         torch.manual_seed(seed)
         model = make_model(config)
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        for _ in range(config.steps):
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        fit(model, x, y, config.steps, config.lr, config.weight_decay)
     return model.eval()
+
+
+def fit(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, weight_decay: float) -> None:
+    """Full-batch Adam on the cross-entropy of ``model(x)`` against labels ``y``, in place."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
 
 
 def target_margins(model: nn.Module, data: DigitsData) -> Tensor:
