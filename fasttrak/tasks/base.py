@@ -8,18 +8,28 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 Forward = Callable[..., Any]
-"""Calls the model (with whatever parameters the engine substitutes): ``forward(*inputs)``."""
+"""Calls the model (with whatever parameters the engine substitutes): ``forward(*inputs)``
+or ``forward(**inputs)``; returns whatever the model returns (a tensor, a tuple, or a
+Hugging Face ``ModelOutput``)."""
 
 
 @runtime_checkable
 class Task(Protocol):
     """What is attributed: the model output function f and the out-to-loss weight Q.
 
-    Both methods take a *batch* (the collated form of dataset items) and must treat
-    examples independently: example i's outputs may depend only on example i. The
-    gradient engine calls :meth:`output` on batches of one example under ``torch.func``
-    transforms, so it must be plain PyTorch (no ``.item()``, no in-place edits of inputs,
-    no data-dependent Python control flow).
+    Both methods take a *batch* (the collated form of dataset items: a tuple, or the dict a
+    tokenizer/processor produces) and must treat examples independently: example i's
+    outputs may depend only on example i. Two gradient engines call :meth:`output`:
+
+    - the hook engine calls it once per batch, as ordinary batched PyTorch with autograd;
+    - the vmap engine calls it on batches of one example under ``torch.func`` transforms,
+      so it must also be plain PyTorch there (no ``.item()``, no in-place edits of inputs,
+      no data-dependent Python control flow).
+
+    A task that needs per-checkpoint state (CLIP's negative embeddings) also defines
+    ``bind(forward) -> Task``: the runner calls it once per checkpoint, under
+    ``torch.no_grad()`` with the model in eval mode and that checkpoint's weights, and uses
+    the returned task (a new object: tasks hold no mutable state) for that checkpoint.
     """
 
     name: str
@@ -43,3 +53,9 @@ class Task(Protocol):
     def spec(self) -> dict[str, Any]:
         """JSON-able description of the task, stored in a run's metadata."""
         ...
+
+
+def bind_task(task: Task, forward: Forward) -> Task:
+    """``task.bind(forward)`` when the task defines it (per-checkpoint state), else ``task``."""
+    bind = getattr(task, "bind", None)
+    return bind(forward) if callable(bind) else task
