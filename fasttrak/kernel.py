@@ -4,7 +4,8 @@ R is I (``"plain"``, the paper's TRAK) or diag(p_i (1 - p_i)) (``"gauss_newton"`
 Gauss-Newton Hessian of the loss in the model output; on logistic regression this turns the
 estimator into the influence function). A block-diagonal kernel keeps only B diagonal blocks
 of K, one per contiguous group of k/B coordinates, and averages the B estimates: a "virtual
-ensemble" from one backward pass.
+ensemble" from one backward pass. Its factors are kept and solved per block, (B, k/B, k/B):
+B times less memory and solve work than one (k, k) block-diagonal matrix, B² less to factor.
 """
 
 from __future__ import annotations
@@ -70,11 +71,22 @@ def block_slices(k: int, blocks: int) -> list[slice]:
 def block_diagonal_factor(
     gram_matrix: np.ndarray, ridge: float, num_rows: int, blocks: int = 1
 ) -> np.ndarray:
-    """Block-diagonal lower factor (k, k): one Cholesky factor of G_bb + λ_b I per block,
-    λ_b = ``ridge_value(G_bb, ridge, n)``; blocks=1 is the full kernel."""
-    factor = np.zeros_like(gram_matrix)
-    for part in block_slices(gram_matrix.shape[0], blocks):
-        factor[part, part] = cholesky_factor(gram_matrix[part, part], ridge, num_rows)
+    """Lower Cholesky factors of the B diagonal blocks G_bb + λ_b I of the kernel, one per
+    :func:`block_slices` range, λ_b = ``ridge_value(G_bb, ridge, n)``; blocks=1 is the full
+    kernel. Only the diagonal blocks of ``gram_matrix`` are read.
+
+    Returns (B, m, m) float64, m the largest block size (⌈k / B⌉ or ⌊k / B⌋ + 1): a block of
+    s < m coordinates is padded with the identity, so that the padded system solves to zero
+    there (see :func:`solve`). k²/B entries instead of the k² of one block-diagonal (k, k)
+    matrix, and B factorisations of (k/B)³/3 flops instead of one of k³/3.
+    """
+    parts = block_slices(gram_matrix.shape[0], blocks)
+    size = max(part.stop - part.start for part in parts)
+    factor = np.zeros((len(parts), size, size), dtype=np.float64)
+    for b, part in enumerate(parts):
+        s = part.stop - part.start
+        factor[b, :s, :s] = cholesky_factor(gram_matrix[part, part], ridge, num_rows)
+        factor[b, range(s, size), range(s, size)] = 1.0
     return factor
 
 
@@ -101,5 +113,26 @@ def cholesky_factor(gram_matrix: np.ndarray, ridge: float, num_rows: int) -> np.
 
 
 def solve(factor: np.ndarray, rhs: Tensor) -> Tensor:
-    """(Φᵀ Φ + λ I)⁻¹ rhs via the Cholesky factor; rhs (k, T) -> (k, T) float64."""
-    return torch.cholesky_solve(rhs.double(), torch.from_numpy(factor))
+    """K⁻¹ rhs via Cholesky factors; rhs (k, T) -> (k, T) float64.
+
+    ``factor`` is either one (k, k) lower factor (:func:`cholesky_factor`), or the (B, m, m)
+    per-block factors of :func:`block_diagonal_factor`: then each block of rows of ``rhs``
+    (the :func:`block_slices` of k into B) is solved with its own block, i.e. K is the
+    block-diagonal kernel, in B small solves of 2 (k/B)² T flops instead of one of 2 k² T.
+    """
+    rhs = rhs.double()
+    if factor.ndim == 2:
+        return torch.cholesky_solve(rhs, torch.from_numpy(factor))
+    blocks, size = factor.shape[0], factor.shape[1]
+    k, targets = rhs.shape
+    factors = torch.from_numpy(factor)
+    if blocks * size == k:  # equal blocks: the rows of rhs are already (B, m, T)
+        return torch.cholesky_solve(rhs.reshape(blocks, size, targets), factors).reshape(k, -1)
+    parts = block_slices(k, blocks)
+    if max(part.stop - part.start for part in parts) != size:
+        raise ValueError(f"factors of shape {tuple(factor.shape)} do not fit k = {k} rows")
+    padded = rhs.new_zeros((blocks, size, targets))
+    for b, part in enumerate(parts):
+        padded[b, : part.stop - part.start] = rhs[part]
+    solved = torch.cholesky_solve(padded, factors)
+    return torch.cat([solved[b, : part.stop - part.start] for b, part in enumerate(parts)])

@@ -9,7 +9,10 @@ Layout (one group per checkpoint index m)::
         q         (n,)       float32 out-to-loss weights
         done      (n_chunks,) uint8, one zarr chunk per mark, set after a chunk is written
         gram      (k, k)     float64 Φᵀ Φ, written by finalize (gram_gauss_newton: Φᵀ R Φ)
-        factor    (k, k)     float64 Cholesky factor of Φᵀ Φ + λ I; attrs: ridge settings
+        factor    (B, m, m)  float64 Cholesky factors of the B diagonal blocks of Φᵀ Φ + λ I
+                             (m ≈ k/B; B = 1: the full kernel); attrs: ridge settings and
+                             layout (a factor without layout="blocks" is an old (k, k) one:
+                             rebuilt from the gram, never used)
 
 The store never holds models or pickles: arrays and JSON only. Reopening it with settings
 that differ from the run that made it raises :class:`StoreMismatchError`; finished chunks
@@ -30,6 +33,9 @@ from fasttrak.errors import CheckpointMismatchError, StoreMismatchError
 
 FORMAT_VERSION = 1
 FEATURE_DTYPES = ("float32", "float16")
+FACTOR_LAYOUT = "blocks"
+"""Layout of the cached kernel factor: (B, m, m), one padded Cholesky factor per kernel block
+(:func:`fasttrak.kernel.block_diagonal_factor`)."""
 
 
 def open_group(location: str | Path | None) -> zarr.Group:
@@ -213,18 +219,30 @@ class CheckpointStore:
         array[:] = gram
 
     def read_factor(self, ridge_key: dict[str, Any]) -> np.ndarray | None:
+        """The cached per-block Cholesky factors (B, m, m) for these kernel settings, or None.
+
+        None also for a factor in another layout: stores written before FACTOR_LAYOUT hold
+        one (k, k) block-diagonal matrix (no ``layout`` attribute). The factor is derived
+        data, so the caller rebuilds it from the stored gram and overwrites the old one.
+        """
         if "factor" not in self.group:
             return None
         array = self.group["factor"]
-        return array[:] if dict(array.attrs).get("ridge") == ridge_key else None
+        attrs = dict(array.attrs)
+        if attrs.get("layout") != FACTOR_LAYOUT or attrs.get("ridge") != ridge_key:
+            return None
+        return array[:] if len(array.shape) == 3 else None
 
     def write_factor(self, factor: np.ndarray, ridge_key: dict[str, Any]) -> None:
-        """Cache the Cholesky factor; a factor for another ridge is derived data and replaced."""
+        """Cache the per-block Cholesky factors (B, m, m); a factor for other settings (or in
+        an older layout) is derived data and replaced."""
+        if factor.ndim != 3:
+            raise ValueError(f"expected per-block factors (B, m, m), got shape {factor.shape}")
         array = self.group.create_array(
             "factor", shape=factor.shape, dtype="float64", compressors=None, overwrite=True
         )
         array[:] = factor
-        array.attrs["ridge"] = ridge_key
+        array.attrs.update({"ridge": ridge_key, "layout": FACTOR_LAYOUT})
 
 
 def _check_meta(stored: dict[str, Any], wanted: dict[str, Any], location: Any) -> None:

@@ -261,7 +261,8 @@ class TRAK:
             self._factor(m)
 
     def _factor(self, m: int) -> np.ndarray:
-        """The (block-diagonal) Cholesky factor of checkpoint m's kernel, cached in the store."""
+        """Per-block Cholesky factors (B, m, m) of checkpoint m's kernel, cached in the store
+        (an old-layout or other-settings factor is rebuilt from the stored gram)."""
         ck = self.store.checkpoint(m)
         assert ck is not None
         key = {
