@@ -61,7 +61,12 @@ def load_state(model: nn.Module, checkpoint: Checkpoint | None) -> dict[str, Ten
             + "; ".join(wrong[:5])
             + "; pass a state dict saved from this model architecture"
         )
-    state = {k: v.detach().to("cpu") for k, v in checkpoint.items()}
+    # Tied weights (GPT-2's lm_head.weight is wte.weight) appear under every alias in a state
+    # dict; functional_call wants each tensor once, under its first name.
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
+    state = {k: v.detach().to("cpu") for k, v in checkpoint.items() if k not in aliases}
     for name, buffer in model.named_buffers():
         state.setdefault(name, buffer.detach().to("cpu"))
     return state

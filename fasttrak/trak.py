@@ -22,12 +22,20 @@ from fasttrak.checkpoints import Checkpoint, fingerprint, load_state
 from fasttrak.data import Rows, as_rows, to_device
 from fasttrak.ensembles import DropoutMask, fixed_dropout
 from fasttrak.errors import CheckpointMismatchError, NonFiniteGradientError, NotFeaturizedError
-from fasttrak.gradients import ParamSpec, VmapGradients, select_parameters
+from fasttrak.gradients import (
+    ENGINES,
+    HookGradients,
+    ParamSpec,
+    VmapGradients,
+    check_examples_independent,
+    select_parameters,
+)
 from fasttrak.projection import Projector, ProjectorConfig, resolve_projector
 from fasttrak.projection.factored import Factored, FactoredProjector
 from fasttrak.scoring import Scores
 from fasttrak.store import FEATURE_DTYPES, CheckpointStore, Store
 from fasttrak.tasks import ImageClassification, Task
+from fasttrak.tasks.base import bind_task
 
 DEFAULT_KERNEL_BLOCKS = 4
 """Kernel blocks when k >= 1024. Measured (docs/lds_vs_cost.md): with Gauss-Newton at
@@ -67,6 +75,12 @@ class TRAK:
         kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
             groups of k / B) and averages the B estimates, a virtual ensemble. Default:
             4 when k >= 1024 (blocks of >= 256 coordinates), else 1.
+        engine: how per-example gradients are computed: ``"hooks"`` (one batched forward
+            and backward with layer hooks; works on unmodified Hugging Face models with any
+            attention implementation; needs examples that do not interact in the forward
+            pass, which is checked on the first batch), ``"vmap"`` (``torch.func`` vmap of
+            grad over examples, each example alone), or ``"auto"`` (default: hooks). Both
+            give the same features to float precision (tests/test_hook_engine.py).
         vmap_chunk_size: examples per vmap call inside a batch: bounds the memory of
             intermediate activations for large batches (None: the whole batch at once).
             Chunking costs speed (2x for a small MLP at chunk 32), so the default 128 leaves
@@ -91,6 +105,7 @@ class TRAK:
         precision: kernel_ops.Precision = "float32",
         kernel: kernel_ops.Weighting = "gauss_newton",
         kernel_blocks: int | None = None,
+        engine: str = "auto",
         vmap_chunk_size: int | None = 128,
         progress: bool = True,
     ) -> None:
@@ -149,7 +164,10 @@ class TRAK:
         existing = Store.open(store, meta) if store is not None and _has_store(store) else None
         rows = chunk_rows if chunk_rows is not None else (existing.chunk_rows if existing else 512)
         self.store = Store.open(store, {**meta, "chunk_rows": rows})
-        self.engine = VmapGradients(model, self.task, self.selected, vmap_chunk_size)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = "hooks" if engine == "auto" else engine
+        self.vmap_chunk_size = vmap_chunk_size
         self._members: list[_Member] = []
         self._projector_of: tuple[int, Projector] | None = None  # only the current model's
 
@@ -188,37 +206,46 @@ class TRAK:
             )
             with bar, self._eval_mode(), fixed_dropout(self.model, member.mask, self.seed):
                 device_state = self._to_device(member.state)
+                task = self._bind(device_state)
                 for c in pending:
-                    phi, q = self._features(rows, ck.chunk_slice(c), device_state, m, bar)
+                    phi, q = self._features(rows, ck.chunk_slice(c), device_state, m, task, bar)
                     ck.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy())
         self._members = members
 
     def _features(
-        self, rows: Rows, chunk: slice, state: dict[str, Tensor], m: int, bar: Any = None
+        self,
+        rows: Rows,
+        chunk: slice,
+        state: dict[str, Tensor],
+        m: int,
+        task: Task,
+        bar: Any = None,
     ) -> tuple[Tensor, Tensor]:
-        """Features (rows, k) and Q (rows,) of one row range for checkpoint m.
+        """Features (rows, k) and Q (rows,) of one row range for checkpoint m, whose
+        weights are ``state`` and whose (bound) task is ``task``.
 
         Gradients are projected per batch when the projection is cached, or gathered into
         groups of ``projector.group_rows`` rows when it is generated block by block.
         """
         projector = self._projector(m)
+        engine = self._gradient_engine(task)
         feats: list[Tensor] = []
         qs: list[Tensor] = []
         group: list[list[Tensor]] = []  # per batch: per-parameter gradient blocks (B, p_i)
         group_start, group_size = chunk.start, 0
         for where, batch in rows.batches(chunk):
             batch = to_device(batch, self.device)
-            self.task.check_batch(batch)
+            task.check_batch(batch)
             with torch.no_grad():
-                qs.append(self.task.out_to_loss(self._forward(state), batch).float())
+                qs.append(task.out_to_loss(self._forward(state), batch).float())
             self._check_finite(qs[-1], where.start, m)
             if isinstance(projector, FactoredProjector):  # features straight from layer hooks
-                feats.append(projector.features(self.model, self.task, state, batch))
+                feats.append(projector.features(self.model, task, state, batch))
                 self._check_finite(feats[-1], where.start, m)
                 if bar is not None:
                     bar.update(where.stop - where.start)
                 continue
-            group.append(self.engine.parts(state, batch))
+            group.append(engine.parts(state, batch))
             group_size += where.stop - where.start
             if group_size >= projector.group_rows:
                 feats.append(self._project(projector, group, group_start, m))
@@ -362,8 +389,9 @@ class TRAK:
         with self._eval_mode():
             for m, member in zip(ids, members, strict=True):
                 with fixed_dropout(self.model, member.mask, self.seed):
+                    state = self._to_device(member.state)
                     phi, _ = self._features(
-                        target_rows, slice(0, len(target_rows)), self._to_device(member.state), m
+                        target_rows, slice(0, len(target_rows)), state, m, self._bind(state)
                     )
                 # Mean over the kernel's blocks: Σ_b Φ_b K_bb⁻¹ φ_b / B.
                 solved.append(kernel_ops.solve(self._factor(m), phi.cpu().T) / self.kernel_blocks)
@@ -418,12 +446,29 @@ class TRAK:
         return forward
 
     def _check_first_batch(self, rows: Rows, state: dict[str, Tensor]) -> None:
-        """Validate the data's form on one small batch before anything is written."""
+        """Validate the data's form on one small batch before anything is written, and
+        that examples do not interact when an engine backpropagates the batch's sum."""
         _, batch = next(rows.batches(slice(0, min(len(rows), 2))))
         batch = to_device(batch, self.device)
         self.task.check_batch(batch)
         with torch.no_grad(), self._eval_mode():
-            self.task.out_to_loss(self._forward(self._to_device(state)), batch)
+            forward = self._forward(self._to_device(state))
+            task = bind_task(self.task, forward)
+            task.check_batch(batch)
+            task.out_to_loss(forward, batch)
+            if self.engine == "hooks" or isinstance(self.projector_config, Factored):
+                check_examples_independent(task, forward, batch)
+
+    def _bind(self, state: dict[str, Tensor]) -> Task:
+        """The task for one checkpoint (``task.bind`` for per-checkpoint state, e.g. CLIP's
+        negative embeddings). Call with the model in eval mode and its dropout masks on."""
+        with torch.no_grad():
+            return bind_task(self.task, self._forward(state))
+
+    def _gradient_engine(self, task: Task) -> HookGradients | VmapGradients:
+        if self.engine == "hooks":
+            return HookGradients(self.model, task, self.selected)
+        return VmapGradients(self.model, task, self.selected, self.vmap_chunk_size)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:

@@ -8,8 +8,13 @@ from collections.abc import Iterable
 from torch import nn
 
 ParamSpec = str | nn.Module | type | Iterable[str | nn.Module | type] | None
-"""None (every trainable parameter), a name or glob ("fc.*"), a submodule, a module type
-(nn.Linear), or a list mixing those."""
+"""None (every trainable parameter), a name or glob ("fc.*"), ``"lora"`` (every LoRA adapter
+matrix of a PEFT model), a submodule, a module type (nn.Linear), or a list mixing those."""
+
+LORA = "lora"
+"""``params="lora"``: the adapter tensors PEFT adds (``lora_A``, ``lora_B``, ``lora_embedding_A/B``,
+``lora_magnitude_vector``), whatever the adapter's name; the frozen base model is not
+differentiated."""
 
 
 def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
@@ -43,6 +48,14 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
 
 
 def _match(model: nn.Module, named: dict[str, nn.Parameter], item: object) -> set[str]:
+    if item == LORA:
+        found = {name for name in named if ".lora_" in f".{name}"}
+        if not found:
+            raise ValueError(
+                'params="lora" selects PEFT LoRA adapters, but the model has no parameter named '
+                "lora_*; wrap it with peft.get_peft_model(model, LoraConfig(...)) first"
+            )
+        return found
     if isinstance(item, str):
         return {name for name in named if name == item or fnmatch.fnmatchcase(name, item)}
     if isinstance(item, type) and issubclass(item, nn.Module):

@@ -1,0 +1,470 @@
+"""The hook engine: per-example gradients from one batched forward/backward, against loops of
+torch.autograd.grad (one example at a time, unpadded) and against the vmap engine."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from conftest import loop_gradients, make_cnn, make_data, make_mlp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fasttrak as ft
+from fasttrak.checkpoints import load_state
+from fasttrak.gradients import HookGradients, VmapGradients, select_parameters
+from fasttrak.tasks import ImageClassification
+
+
+def hook_parts(model, task, batch, params=None):
+    names = select_parameters(model, params)
+    model.eval()
+    engine = HookGradients(model, task, names)
+    return names, torch.cat(engine.parts(load_state(model, None), batch), dim=1)
+
+
+def loop_task(model, task, batch, names):
+    """Oracle: task.output on each example alone (a batch of one), one autograd.grad each."""
+    model = copy.deepcopy(model).eval()
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(task.batch_size(batch)):
+        one = tuple(t[i : i + 1] for t in batch)
+        f = task.output(model, one)[0]
+        grads = torch.autograd.grad(f, [params[n] for n in names])
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def vmap_parts(model, task, batch, names):
+    model.eval()
+    engine = VmapGradients(model, task, names, chunk_size=None)
+    return torch.cat(engine.parts(load_state(model, None), batch), dim=1)
+
+
+# ---------------------------------------------------------------------- plain PyTorch models
+def test_mlp_and_cnn_match_the_autograd_loop():
+    for model, x in [
+        (make_mlp(), make_data(9)[0]),
+        (make_cnn(), torch.randn(7, 1, 6, 6, generator=torch.Generator().manual_seed(2))),
+    ]:
+        y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+        names, grads = hook_parts(model, ImageClassification(), (x, y))
+        expected = loop_gradients(model, x, y, names, torch.float32)
+        torch.testing.assert_close(grads, expected, rtol=1e-4, atol=1e-5)
+
+
+class SequenceModel(nn.Module):
+    """Embedding (padding_idx) -> LayerNorm -> Linear -> in-place ReLU -> Conv1d over tokens
+    -> masked mean -> tied output layer (weight shared with a second Linear call)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.conv = nn.Conv1d(dim, dim, 3, padding=1)
+        self.group = nn.GroupNorm(2, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).float()[..., None]
+        h = torch.relu_(self.proj(self.norm(self.embed(ids))))
+        h = self.proj(h) + h  # the same layer twice: gradients of both calls add up
+        h = self.group(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        pooled = (h * mask).sum(1) / mask.sum(1)
+        return self.head(pooled)
+
+
+def _sequence_batch(sizes=(5, 3, 6, 1), length=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(sizes), length, dtype=torch.long)
+    for i, n in enumerate(sizes):
+        ids[i, :n] = torch.randint(1, 11, (n,), generator=gen)
+    return ids, torch.randint(0, 3, (len(sizes),), generator=gen)
+
+
+def test_sequence_model_with_padding_shared_layers_and_local_rules():
+    torch.manual_seed(0)
+    model = SequenceModel()
+    ids, y = _sequence_batch()
+    names, grads = hook_parts(model, ImageClassification(), (ids, y))
+    assert set(names) >= {"embed.weight", "norm.weight", "conv.weight", "group.bias"}
+    expected = loop_task(model, ImageClassification(), (ids, y), names)
+    torch.testing.assert_close(grads, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        vmap_parts(model, ImageClassification(), (ids, y), names), grads, rtol=1e-4, atol=1e-5
+    )
+
+
+class RootParam(nn.Module):
+    """A parameter the root module uses itself (like CLIP's logit_scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = make_mlp()
+        self.scale = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x):
+        return self.mlp(x) * self.scale
+
+
+def test_parameters_outside_layers_use_a_batched_backward():
+    model = RootParam()
+    x, y = make_data(6)
+    names, grads = hook_parts(model, ImageClassification(), (x, y))
+    assert "scale" in names
+    torch.testing.assert_close(
+        grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
+    )
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.checkpointing = True
+        self.inner = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = x + 0.0 * x.sum()  # no-op on values; gives reentrant checkpointing an input with grad
+        if not self.checkpointing:
+            return self.head(self.inner(x))
+        return self.head(checkpoint(self.inner, x, use_reentrant=self.reentrant))
+
+
+def test_non_reentrant_gradient_checkpointing_matches_the_loop():
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant=False)
+    x, y = make_data(5)
+    names, grads = hook_parts(model, ImageClassification(), (x, y))
+    plain = copy.deepcopy(model)
+    plain.checkpointing = False  # the same function, for an oracle that autograd can follow
+    expected = loop_gradients(plain, x, y, names, torch.float32)
+    torch.testing.assert_close(grads, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reentrant_gradient_checkpointing_is_refused_with_the_fix():
+    x, y = make_data(5)
+    x.requires_grad_(True)  # reentrant checkpoints only backpropagate to inputs with grad
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        hook_parts(Checkpointed(reentrant=True), ImageClassification(), (x, y))
+
+
+class Mixing(nn.Module):
+    """Subtracts the batch mean: example outputs depend on the other examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(0, keepdim=True))
+
+
+def test_a_forward_that_mixes_examples_is_an_error():
+    x, y = make_data(8)
+    with pytest.raises(ValueError, match="examples interact"):
+        ft.TRAK(Mixing(), proj_dim=8, progress=False).featurize((x, y))
+    # vmap differentiates each example alone: it runs (with batch-of-one semantics)
+    ft.TRAK(Mixing(), proj_dim=8, engine="vmap", progress=False).featurize((x, y))
+
+
+def test_batchnorm_in_eval_mode_is_independent_and_train_mode_is_restored():
+    model = make_cnn()
+    model.train()
+    x = torch.randn(6, 1, 6, 6)
+    y = torch.randint(0, 3, (6,))
+    trak = ft.TRAK(model, proj_dim=16, progress=False)
+    trak.featurize((x, y))  # the runner uses eval mode: no interaction through BatchNorm
+    assert model.training and model.bn.training
+
+
+class NaNInLayer(nn.Module):
+    """A layer whose parameter gets a NaN gradient (0 · 0/0) for inputs with x[:, 0] == 0."""
+
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return 0.0 * torch.sqrt(self.a * x[:, :1] ** 2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = make_mlp()
+        self.root = NaNInLayer.Root()
+
+    def forward(self, x):
+        return self.mlp(x) + self.root(x)
+
+
+def test_a_nan_gradient_inside_a_layer_is_reported_on_its_row():
+    x, y = make_data(20, seed=3)
+    x[13, 0] = 0.0
+    trak = ft.TRAK(NaNInLayer(), projector="sjlt", proj_dim=64, progress=False)
+    with pytest.raises(ft.NonFiniteGradientError, match=r"rows \[13\]"):
+        trak.featurize((x, y))
+
+
+def test_engines_give_the_same_scores():
+    x, y = make_data(40)
+    model = make_mlp()
+    scores = {}
+    for engine in ("hooks", "vmap"):
+        trak = ft.TRAK(model, proj_dim=32, projector="dense", engine=engine, progress=False)
+        trak.featurize((x, y))
+        scores[engine] = torch.from_numpy(trak.score((x[:5], y[:5])).numpy())
+    torch.testing.assert_close(scores["hooks"], scores["vmap"], rtol=1e-3, atol=1e-4)
+
+
+def test_unknown_engine_is_an_error():
+    with pytest.raises(ValueError, match="engine must be one of"):
+        ft.TRAK(make_mlp(), engine="autograd")
+
+
+# ---------------------------------------------------------------------- Hugging Face models
+transformers = pytest.importorskip("transformers")
+
+
+@dataclass(frozen=True)
+class FnTask:
+    """A test task: f = fn(model outputs, batch), the model called with ``inputs`` keys."""
+
+    fn: Any
+    inputs: tuple[str, ...]
+    name: str = "fn"
+
+    def check_batch(self, batch):
+        pass
+
+    def batch_size(self, batch):
+        return int(batch[self.inputs[0]].shape[0])
+
+    def output(self, forward, batch):
+        return self.fn(forward(**{k: batch[k] for k in self.inputs}), batch)
+
+    def out_to_loss(self, forward, batch):
+        return torch.full((self.batch_size(batch),), 0.5)
+
+    def spec(self):
+        return {"name": self.name}
+
+
+def loop_hf(model, task, batch, lengths, names, trim_keys):
+    """Oracle: each example alone, its padding cut off, one autograd.grad per example."""
+    model = copy.deepcopy(model).eval()
+    params = dict(model.named_parameters())
+    rows = []
+    for i, n in enumerate(lengths):
+        one = {
+            k: (v[i : i + 1, :n] if k in trim_keys else v[i : i + 1])
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor)
+        }
+        f = task.output(lambda **kw: model(**kw), one)[0]
+        grads = torch.autograd.grad(f, [params[n] for n in names], allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(params[n]) if g is None else g).reshape(-1)
+                    for n, g in zip(names, grads, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def padded_ids(lengths, vocab, seed=0, pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), max(lengths)), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+LENGTHS = (5, 3, 7, 4)  # batch of 4, max length 7: no dimension coincides with the batch
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=30, n_embd=16, n_layer=2, n_head=2, n_positions=16, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=30, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def bert_margin(out, batch):
+    return out.logits[:, 0] - out.logits[:, 1]
+
+
+def lm_logprob(out, batch):
+    """Σ over real next tokens of log p(next token)."""
+    logp = out.logits[:, :-1].float().log_softmax(-1)
+    target = batch["input_ids"][:, 1:]
+    token = logp.gather(2, target[..., None])[..., 0]
+    return (token * batch["attention_mask"][:, 1:]).sum(1)
+
+
+def test_bert_with_padding_matches_the_loop_and_vmap():
+    model = tiny_bert()
+    ids, mask = padded_ids(LENGTHS, 30)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    task = FnTask(bert_margin, ("input_ids", "attention_mask"))
+    names, grads = hook_parts(model, task, batch)
+    expected = loop_hf(model, task, batch, LENGTHS, names, ("input_ids", "attention_mask"))
+    torch.testing.assert_close(grads, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_gpt2_conv1d_and_tied_embeddings_match_the_loop():
+    model = tiny_gpt2()
+    ids, mask = padded_ids(LENGTHS, 30)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    task = FnTask(lm_logprob, ("input_ids", "attention_mask"))
+    names, grads = hook_parts(model, task, batch)
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names  # tied
+    expected = loop_hf(model, task, batch, LENGTHS, names, ("input_ids", "attention_mask"))
+    torch.testing.assert_close(grads, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_gpt2_vmap_engine_agrees_with_eager_attention():
+    model = tiny_gpt2()
+    model.config._attn_implementation = "eager"
+    ids, mask = padded_ids(LENGTHS, 30)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    task = FnTask(lm_logprob, ("input_ids", "attention_mask"))
+    names, grads = hook_parts(model, task, batch, params=["transformer.h.1.*"])
+    torch.testing.assert_close(vmap_parts(model, task, batch, names), grads, rtol=1e-3, atol=1e-5)
+
+
+def test_t5_relative_position_bias_and_padding_match_the_loop():
+    model = tiny_t5()
+    ids, mask = padded_ids(LENGTHS, 30, seed=1)
+    labels, label_mask = padded_ids((2, 3, 1, 3), 30, seed=2)
+    decoder_ids = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "decoder_input_ids": decoder_ids,
+        "decoder_attention_mask": label_mask,
+        "labels": labels,
+    }
+
+    def seq_logprob(out, batch):
+        logp = out.logits.float().log_softmax(-1)
+        token = logp.gather(2, batch["labels"][..., None])[..., 0]
+        return (token * batch["decoder_attention_mask"]).sum(1)
+
+    task = FnTask(
+        seq_logprob, ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+    )
+    names, grads = hook_parts(model, task, batch)
+    assert any("relative_attention_bias" in n for n in names)
+    # Trimming the encoder only (decoder lengths vary too but are masked in f).
+    expected = loop_hf(model, task, batch, LENGTHS, names, ("input_ids", "attention_mask"))
+    torch.testing.assert_close(grads, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_clip_with_logit_scale_matches_the_loop():
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=2,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+            image_size=8, patch_size=4,
+        ),
+        projection_dim=8,
+    )  # fmt: skip
+    model = transformers.CLIPModel(config)
+    ids, mask = padded_ids(LENGTHS, 30, seed=3, pad=1)
+    for i, n in enumerate(LENGTHS):
+        ids[i, n - 1] = 2  # eos: CLIP pools the text at the eos token
+    pixels = torch.randn(len(LENGTHS), 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+    def scaled_similarity(out, batch):
+        # logits_per_image[i, i] = exp(logit_scale) <image_i, text_i>: per example, and it
+        # uses logit_scale, a parameter of the root module (batched-backward path).
+        return out.logits_per_image.diagonal()
+
+    task = FnTask(scaled_similarity, ("input_ids", "attention_mask", "pixel_values"))
+    names, grads = hook_parts(model, task, batch)
+    assert "logit_scale" in names
+    expected = loop_hf(model, task, batch, LENGTHS, names, ("input_ids", "attention_mask"))
+    torch.testing.assert_close(grads, expected, rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- LoRA (peft)
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("a frozen base weight was differentiated")
+
+
+def test_lora_only_differentiates_the_adapters():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_gpt2(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], lora_dropout=0.0),
+    )
+    names = select_parameters(model, "lora")
+    assert names and all("lora_" in n for n in names)
+    lora_numel = sum(dict(model.named_parameters())[n].numel() for n in names)
+    # Every frozen base layer's weight passes through a function whose backward raises.
+    for module in model.modules():
+        if transformers.pytorch_utils.Conv1D is type(module):
+            module.register_forward_hook(lambda m, a, out: out + 0.0 * _Boom.apply(m.weight).sum())
+    ids, mask = padded_ids(LENGTHS, 30)
+    data = [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(len(LENGTHS))]
+    task = FnTask(lm_logprob, ("input_ids", "attention_mask"))
+    trak = ft.TRAK(model, task=task, params="lora", projector="identity", progress=False)
+    assert trak.k == lora_numel
+    trak.featurize(data)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    expected = loop_hf(model, task, batch, LENGTHS, names, ("input_ids", "attention_mask"))
+    stored = torch.from_numpy(trak.store.checkpoint(0).features[:])
+    torch.testing.assert_close(stored, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_lora_selection_without_adapters_is_an_error():
+    with pytest.raises(ValueError, match="peft.get_peft_model"):
+        select_parameters(make_mlp(), "lora")
