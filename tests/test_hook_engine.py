@@ -468,3 +468,32 @@ def test_lora_only_differentiates_the_adapters():
 def test_lora_selection_without_adapters_is_an_error():
     with pytest.raises(ValueError, match="peft.get_peft_model"):
         select_parameters(make_mlp(), "lora")
+
+
+# ---------------------------------------------------------------------- factored on GPT-2
+def test_factored_conv1d_features_equal_the_projected_hook_gradients():
+    from fasttrak.projection import Factored
+
+    model = tiny_gpt2().eval()
+    ids, mask = padded_ids(LENGTHS, 30)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    task = FnTask(lm_logprob, ("input_ids", "attention_mask"))
+    params = ["transformer.h.*.attn.c_attn.*", "transformer.h.1.mlp.c_fc.weight"]
+    names = select_parameters(model, params)
+    projector = Factored(k_in=3, k_out=4).build_factored(model, names, 24, seed=1, model_id=0,
+                                                         device="cpu")  # fmt: skip
+    state = load_state(model, None)
+    feats = projector.features(model, task, state, batch)
+    grads = dict(zip(names, HookGradients(model, task, names).parts(state, batch), strict=True))
+    start = 0
+    for layer in projector.layers:
+        block = torch.cat([grads[p] for p in layer.params], dim=1) @ projector.kron(layer.name)
+        torch.testing.assert_close(feats[:, start : start + block.shape[1]], block, atol=1e-4,
+                                   rtol=1e-4)  # fmt: skip
+        start += block.shape[1]
+    assert start == feats.shape[1]
+
+
+def test_factored_refuses_tied_weights():
+    with pytest.raises(ValueError, match="tied"):
+        ft.TRAK(tiny_gpt2(), projector="factored", params=[nn.Embedding], progress=False)

@@ -39,10 +39,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fasttrak.gradients.hook_engine import is_hf_conv1d
 from fasttrak.tasks.base import Task
 
 COVERED_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
-"""Layer types the factored projection supports."""
+"""Layer types the factored projection supports (and Hugging Face ``Conv1D``, see
+:func:`is_covered`)."""
+
+
+def is_covered(module: nn.Module) -> bool:
+    """True for the layers the factored projection covers: nn.Linear, nn.Conv2d,
+    nn.Embedding and Hugging Face's ``Conv1D`` (GPT-2's linear layers, weight (in, out))."""
+    return isinstance(module, COVERED_TYPES) or is_hf_conv1d(module)
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class LayerSpec:
     """
 
     name: str
-    kind: str  # "linear" | "conv2d" | "embedding"
+    kind: str  # "linear" | "conv1d" (HF, weight (in, out)) | "conv2d" | "embedding"
     weight: str | None  # full parameter name when selected
     bias: str | None  # full parameter name when selected
     d_in: int
@@ -87,6 +95,11 @@ def layer_spec(model: nn.Module, name: str, selected: Sequence[str]) -> LayerSpe
     if isinstance(module, nn.Linear):
         d_act = module.in_features if weight is not None else 0
         return LayerSpec(name, "linear", weight, bias, d_act + extra, module.out_features)
+    if is_hf_conv1d(module):
+        # y = a W + b with W (in, out): the homogeneous layout is [W; b], (in + 1, out), whose
+        # row-major flattening is weight.flatten() followed by bias.
+        d_act = module.weight.shape[0] if weight is not None else 0
+        return LayerSpec(name, "conv1d", weight, bias, d_act + extra, module.weight.shape[1])
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise ValueError(
@@ -108,7 +121,7 @@ def layer_spec(model: nn.Module, name: str, selected: Sequence[str]) -> LayerSpe
         )
     raise ValueError(
         f"layer {name!r} is a {type(module).__name__}; the factored projection covers "
-        "nn.Linear, nn.Conv2d and nn.Embedding"
+        "nn.Linear, nn.Conv2d, nn.Embedding and Hugging Face Conv1D"
     )
 
 
@@ -220,7 +233,9 @@ class FactoredFeatures:
             raise ValueError(
                 f"layer {layer.name!r}: dimension 0 of its input/output is "
                 f"{inp.shape[0]}/{grad.shape[0]}, not the batch size {size}; the factored "
-                "projection needs layers applied per example with the batch first"
+                "projection needs layers applied per example with the batch first (a layer "
+                "shared by the whole batch, such as a position embedding, must be excluded: "
+                "params= without it)"
             )
         if layer.kind == "embedding":
             module = self.model.get_submodule(layer.name)
@@ -232,12 +247,13 @@ class FactoredFeatures:
                 rows = rows * keep[..., None]
             pg = g @ p_out  # (B, T, k_out)
             return torch.einsum("bti,bto->bio", rows, pg).reshape(size, -1)
-        if layer.kind == "linear":
+        if layer.kind in ("linear", "conv1d"):
             a = inp.reshape(size, -1, inp.shape[-1]).float().to(p_in.device)  # (B, T, d_in)
             g = grad.reshape(size, -1, grad.shape[-1]).float().to(p_out.device)  # (B, T, d_out)
             pa = self._project_act(layer, a, p_in)
             pg = g @ p_out
-            return torch.einsum("bto,bti->boi", pg, pa).reshape(size, -1)
+            spec = "bto,bti->boi" if layer.kind == "linear" else "bto,bti->bio"
+            return torch.einsum(spec, pg, pa).reshape(size, -1)
         # conv2d: P_inᵀ of every unfolded patch = a convolution of the input with P_in
         # reshaped as k_in filters (same stride/padding/dilation/padding_mode): no unfold.
         module = self.model.get_submodule(layer.name)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fasttrak.gradients.hooks import COVERED_TYPES, FactoredFeatures, LayerSpec, layer_spec
+from fasttrak.gradients.hooks import FactoredFeatures, LayerSpec, is_covered, layer_spec
 from fasttrak.projection.dense import TILE_ROWS, generate_tile, projection_seed
 from fasttrak.tasks.base import Task
 
@@ -85,7 +85,7 @@ class FactoredProjector:
         small layers only): ``features[:, block] == grads[:, layer params] @ kron(name)``
         with the gradient in ``[W | b]`` homogeneous layout (bias as the last column)."""
         layer = next(ly for ly in self.layers if ly.name == name)
-        if layer.kind == "embedding":
+        if layer.kind in ("embedding", "conv1d"):
             return torch.kron(self.p_in[name], self.p_out[name])
         return torch.kron(self.p_out[name], self.p_in[name])
 
@@ -128,10 +128,23 @@ class Factored:
     # ------------------------------------------------------------------ layers
     def _split(self, model: nn.Module, selected: Sequence[str]) -> tuple[list[str], list[str]]:
         chosen = set(selected)
+        first: dict[int, str] = {}
+        shared: set[str] = set()
+        for alias, param in model.named_parameters(remove_duplicate=False):
+            name = first.setdefault(id(param), alias)
+            if name != alias:
+                shared.add(name)
+        tied = sorted(shared & chosen)
+        if tied:
+            raise ValueError(
+                f"parameters {tied} are tied (used by several layers, like GPT-2's wte and "
+                "lm_head); the factored projection covers one layer per parameter: exclude them "
+                "with params=, or use projector='srht' (any projector of per-example gradients)"
+            )
         covered: list[str] = []
         inside: set[str] = set()
         for name, module in model.named_modules():
-            if not isinstance(module, COVERED_TYPES):
+            if not is_covered(module):
                 continue
             prefix = f"{name}." if name else ""
             own = {f"{prefix}{p}" for p, _ in module.named_parameters(recurse=False)}
@@ -148,14 +161,15 @@ class Factored:
         covered, outside = self._split(model, selected)
         if outside and self.others == "error":
             raise ValueError(
-                f"the factored projection covers nn.Linear, nn.Conv2d and nn.Embedding layers, "
+                "the factored projection covers nn.Linear, nn.Conv2d, nn.Embedding and HF Conv1D "
+                "layers, "
                 f"but these selected parameters are outside them: {outside}; exclude them with "
                 "params= (e.g. params=[nn.Linear, nn.Conv2d]) or use "
                 "projector=Factored(others='exclude') to drop them from the attribution"
             )
         if not covered:
             raise ValueError(
-                "no selected parameter belongs to an nn.Linear, nn.Conv2d or nn.Embedding "
+                "no selected parameter belongs to an nn.Linear, nn.Conv2d, nn.Embedding or Conv1D "
                 "layer; the factored projection has nothing to project"
             )
         return covered
