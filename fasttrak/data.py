@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,8 @@ class Rows:
         )
         start = rows.start
         for batch in loader:
+            if isinstance(batch, Mapping) and not isinstance(batch, dict):
+                batch = dict(batch)  # BatchEncoding: pytree sees a plain dict's tensors only
             size = _leading_size(batch)
             yield slice(start, start + size), batch
             start += size
@@ -82,6 +84,10 @@ def as_rows(data: Any, batch_size: int) -> Rows:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a batch to ``device``. Mapping batches that are not dicts (a
+    tokenizer's ``BatchEncoding``, which pytree treats as one leaf) become plain dicts."""
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        batch = dict(batch)
     return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
 
 

@@ -453,7 +453,7 @@ class TRAK:
         self.task.check_batch(batch)
         with torch.no_grad(), self._eval_mode():
             forward = self._forward(self._to_device(state))
-            task = bind_task(self.task, forward)
+            task = bind_task(self.task, forward, self.device)
             task.check_batch(batch)
             task.out_to_loss(forward, batch)
             if self.engine == "hooks" or isinstance(self.projector_config, Factored):
@@ -463,7 +463,7 @@ class TRAK:
         """The task for one checkpoint (``task.bind`` for per-checkpoint state, e.g. CLIP's
         negative embeddings). Call with the model in eval mode and its dropout masks on."""
         with torch.no_grad():
-            return bind_task(self.task, self._forward(state))
+            return bind_task(self.task, self._forward(state), self.device)
 
     def _gradient_engine(self, task: Task) -> HookGradients | VmapGradients:
         if self.engine == "hooks":

@@ -497,3 +497,25 @@ def test_factored_conv1d_features_equal_the_projected_hook_gradients():
 def test_factored_refuses_tied_weights():
     with pytest.raises(ValueError, match="tied"):
         ft.TRAK(tiny_gpt2(), projector="factored", params=[nn.Embedding], progress=False)
+
+
+def test_batch_encoding_batches_are_plain_dicts():
+    from collections import UserDict
+
+    from torch.utils.data import DataLoader
+
+    class Encoding(UserDict):  # like transformers.BatchEncoding: a Mapping, not a dict
+        pass
+
+    model = tiny_bert()
+    ids, mask = padded_ids(LENGTHS, 30)
+    items = [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(len(LENGTHS))]
+
+    def collate(rows):
+        return Encoding({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+
+    task = FnTask(bert_margin, ("input_ids", "attention_mask"))
+    loader = DataLoader(items, batch_size=2, shuffle=False, collate_fn=collate)
+    trak = ft.TRAK(model, task=task, proj_dim=16, projector="dense", progress=False)
+    trak.featurize(loader)
+    assert trak.store.checkpoint(0).features.shape == (len(LENGTHS), 16)

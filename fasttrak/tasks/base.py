@@ -27,9 +27,10 @@ class Task(Protocol):
       no data-dependent Python control flow).
 
     A task that needs per-checkpoint state (CLIP's negative embeddings) also defines
-    ``bind(forward) -> Task``: the runner calls it once per checkpoint, under
-    ``torch.no_grad()`` with the model in eval mode and that checkpoint's weights, and uses
-    the returned task (a new object: tasks hold no mutable state) for that checkpoint.
+    ``bind(forward, device) -> Task``: the runner calls it once per checkpoint, under
+    ``torch.no_grad()`` with the model in eval mode, that checkpoint's weights and the
+    compute device, and uses the returned task (a new object: tasks hold no mutable state)
+    for that checkpoint.
     """
 
     name: str
@@ -55,7 +56,8 @@ class Task(Protocol):
         ...
 
 
-def bind_task(task: Task, forward: Forward) -> Task:
-    """``task.bind(forward)`` when the task defines it (per-checkpoint state), else ``task``."""
+def bind_task(task: Task, forward: Forward, device: Any = None) -> Task:
+    """``task.bind(forward, device=device)`` when the task defines it (per-checkpoint
+    state), else ``task``."""
     bind = getattr(task, "bind", None)
-    return bind(forward) if callable(bind) else task
+    return bind(forward, device=device) if callable(bind) else task
