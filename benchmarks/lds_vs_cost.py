@@ -269,18 +269,25 @@ class Instrument:
         self.marks: list[float] = []
         self.features: dict[int, float] = {}
         features = trak._features
-        parts, open_checkpoint, get_projector = (
-            trak.engine.parts,
+        gradient_engine, open_checkpoint, get_projector = (
+            trak._gradient_engine,
             trak.store.open_checkpoint,
             trak._projector,
         )
 
-        def timed_parts(*args: Any, **kwargs: Any) -> Any:
-            start = cpu()
-            try:
-                return parts(*args, **kwargs)
-            finally:
-                self.grad += cpu() - start
+        def timed_engine(task: Any) -> Any:
+            engine = gradient_engine(task)
+            parts = engine.parts
+
+            def timed_parts(*args: Any, **kwargs: Any) -> Any:
+                start = cpu()
+                try:
+                    return parts(*args, **kwargs)
+                finally:
+                    self.grad += cpu() - start
+
+            engine.parts = timed_parts  # type: ignore[method-assign]
+            return engine
 
         def timed_open(*args: Any, **kwargs: Any) -> Any:
             self.marks.append(cpu())
@@ -304,15 +311,16 @@ class Instrument:
                 projector.project = timed_project
             return projector
 
-        def timed_features(rows: Any, chunk: slice, state: Any, m: int, bar: Any = None) -> Any:
+        def timed_features(*args: Any, **kwargs: Any) -> Any:
+            m = args[3]
             start = cpu()
             try:
-                return features(rows, chunk, state, m, bar)
+                return features(*args, **kwargs)
             finally:
                 self.features[m] = self.features.get(m, 0.0) + cpu() - start
 
         trak._features = timed_features  # type: ignore[method-assign]
-        trak.engine.parts = timed_parts  # type: ignore[method-assign]
+        trak._gradient_engine = timed_engine  # type: ignore[method-assign]
         trak.store.open_checkpoint = timed_open  # type: ignore[method-assign]
         trak._projector = timed_projector  # type: ignore[method-assign]
 
