@@ -519,3 +519,25 @@ def test_batch_encoding_batches_are_plain_dicts():
     trak = ft.TRAK(model, task=task, proj_dim=16, projector="dense", progress=False)
     trak.featurize(loader)
     assert trak.store.checkpoint(0).features.shape == (len(LENGTHS), 16)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(stride=2, padding=1),
+        dict(dilation=2, padding=2, bias=False),
+        dict(padding="same"),
+        dict(padding=1, padding_mode="reflect"),
+        dict(groups=2, padding=1),
+    ],
+)
+def test_conv2d_variants_match_the_autograd_loop(conv):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, **conv), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(5, 2, 7, 7)
+    model(x)  # materialise the lazy layer
+    y = torch.randint(0, 3, (5,))
+    names, grads = hook_parts(model, ImageClassification(), (x, y))
+    torch.testing.assert_close(
+        grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
+    )

@@ -2,7 +2,8 @@
 
 The model runs once on the whole batch as ordinary PyTorch (any attention implementation,
 padding masks, gradient checkpointing); forward hooks on the layers that own the selected
-parameters record each call's inputs, and tensor hooks on their outputs receive
+parameters record each call's inputs and output, and one backward pass of ``Σ_i f_i`` to
+those outputs (not to the parameters: no weight gradient is computed) gives
 ``g = ∂(Σ_i f_i)/∂out``. Because example i's output depends only on example i (checked on
 the first batch, see :func:`check_examples_independent`), row i of ``g`` is ``∂f_i/∂out_i``,
 and each example's parameter gradient follows from its own rows:
@@ -10,15 +11,22 @@ and each example's parameter gradient follows from its own rows:
 - ``nn.Linear`` (W: out × in): ``∇W_i = Σ_t g_it a_itᵀ``, ``∇b_i = Σ_t g_it`` (t over
   tokens / positions; 1 for flat inputs);
 - Hugging Face ``Conv1D`` (GPT-2; W: in × out, y = a W + b): ``∇W_i = Σ_t a_it g_itᵀ``;
+- ``nn.Conv2d`` (groups 1, zero padding): ``∇W_i = Σ_l g_il ⊗ patch_il`` over output
+  positions l, the patches from ``unfold``;
 - ``nn.Embedding`` (W: vocab × dim): ``∇W_i[v] = Σ_{t: id_it = v} g_it`` (padding_idx rows 0);
 - any other layer (Conv, LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval mode, custom
   modules): the layer alone is re-run per example under ``torch.func.vmap`` of a
   vector-Jacobian product with ``g_i`` — cheap, since it is one layer, not the model;
+- a layer applied to a batch-less input whose output is broadcast over the batch
+  (position embeddings of position ids shaped (1, T): BERT, GPT-2, CLIP): its output is
+  expanded to one copy per example before the model uses it, which changes no value, so
+  row i of its gradient is example i's and the rules above apply;
 - parameters used by the root module itself (no layer owns them, e.g. CLIP's
-  ``logit_scale``), and layers applied to tensors without a batch dimension (T5's relative
-  position bias, whose output is shared by every example; recognised because dimension 0
-  of the output is not the batch size): a batched backward (``is_grads_batched``) with
-  one-hot output weights, i.e. B vectorised backward passes over that part of the graph.
+  ``logit_scale``), and layers whose output has no batch dimension at all (T5's relative
+  position bias, (T, T, heads)): a batched backward (``is_grads_batched``) with one-hot
+  output weights, i.e. B vectorised backward passes over the graph below f down to those
+  parameters. Exact but up to B times slower than the rest: exclude such parameters with
+  ``params=`` when the batch is large (docs/modalities).
 
 A layer called several times (weight sharing, tied embeddings such as GPT-2's ``lm_head``
 and ``wte``) gets the sum of its calls, which is the exact gradient of the shared tensor.
@@ -55,6 +63,13 @@ def _rule(module: nn.Module) -> str:
     if is_hf_conv1d(module):
         return "conv1d"
     if (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    ):
+        return "conv2d"
+    if (
         isinstance(module, nn.Embedding)
         and module.max_norm is None
         and not module.scale_grad_by_freq
@@ -73,6 +88,7 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     tensors: dict[str, Tensor]  # the layer's parameters and buffers (recursively) at call time
+    output: Tensor | None = None  # as the layer returned it (the model continues on a copy)
     grad: Tensor | None = None
 
 
@@ -116,21 +132,18 @@ class HookGradients:
             self.layers[module_name].params[attr] = name
         self._replaying = False
         self._size = 0
-        self._collecting = False  # output gradients are recorded only during the Σ f backward
         self._shared: set[str] = set()  # parameters of layers whose output has no batch dim
 
     # ------------------------------------------------------------------ public
     def parts(self, state: dict[str, Tensor], batch: Any) -> list[Tensor]:
         size = self.task.batch_size(batch)
         params = {n: t.detach() for n, t in state.items()}
-        leaves = []
         for name in self.selected:
             if not params[name].is_floating_point():
                 raise TypeError(
                     f"parameter {name!r} is not a float tensor; exclude it with params="
                 )
             params[name] = params[name].requires_grad_(True)
-            leaves.append(params[name])
         for layer in self.layers.values():
             layer.calls = []
         self._size, self._shared = size, set()
@@ -155,13 +168,15 @@ class HookGradients:
                     )
                 batched = self.root_params + sorted(self._shared - set(self.root_params))
                 root = self._batched_backward(f, params, batched, size)
-                # Reaching the selected leaves makes the backward pass cross every hooked
-                # layer's output, whose tensor hooks record g (also for layers recomputed
-                # by gradient checkpointing during this backward).
-                self._collecting = True
-                torch.autograd.grad(f.sum(), leaves, allow_unused=True)
+                # Gradients w.r.t. the recorded outputs only. With non-reentrant checkpointing
+                # the recorded outputs are those of the first pass, which the graph keeps;
+                # the replay's calls (recorded during this backward) get no gradient.
+                calls = [c for ly in self.layers.values() for c in ly.calls if c.output is not None]
+                outputs = [c.output for c in calls]
+                found = torch.autograd.grad(f.sum(), outputs, allow_unused=True) if calls else ()
+                for call, grad in zip(calls, found, strict=True):
+                    call.grad, call.output = grad, None
         finally:
-            self._collecting = False
             for handle in handles:
                 handle.remove()
         grads: dict[str, Tensor] = dict(root)
@@ -209,7 +224,12 @@ class HookGradients:
                     "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
                     "{'use_reentrant': False}); or use engine='vmap'"
                 )
-            if output.ndim == 0 or output.shape[0] != self._size:
+            if output.ndim > 0 and output.shape[0] == 1 and self._size > 1:
+                # A layer on a batch-less input (position ids of shape (1, T)) whose output is
+                # broadcast over the batch: hand the model one copy per example, so that row
+                # i of its gradient is example i's (exactly what broadcasting computes).
+                output = output.expand(self._size, *output.shape[1:])
+            elif output.ndim == 0 or output.shape[0] != self._size:
                 self._shared.update(layer.params.values())  # no batch dimension: shared
                 return
             tensors = {}
@@ -225,14 +245,9 @@ class HookGradients:
                 {n: t.detach() for n, t in tensors.items()},
             )
             layer.calls.append(call)
-
-            def receive(grad: Tensor | None) -> None:
-                if self._collecting and grad is not None:
-                    call.grad = grad if call.grad is None else call.grad + grad
-
-            output.register_hook(receive)
+            call.output = output
             # The rest of the model gets a copy: a later in-place op (ReLU(inplace=True)) on
-            # it cannot change the tensor whose gradient is recorded.
+            # it cannot change the tensor whose gradient is taken.
             return output.clone()
 
         return hook
@@ -254,7 +269,7 @@ class HookGradients:
         if layer.rule == "embedding":
             module = layer.module
             assert isinstance(module, nn.Embedding)
-            ids = call.args[0].reshape(size, -1)
+            ids = _per_example(call.args[0], size).reshape(size, -1)
             g = grad.reshape(size, ids.shape[1], -1).float()
             if module.padding_idx is not None:
                 g = g * (ids != module.padding_idx)[..., None]
@@ -265,7 +280,9 @@ class HookGradients:
             out["weight"] = weight.index_put_((rows, ids), g, accumulate=True)
             return out
         a = call.args[0] if call.args else next(iter(call.kwargs.values()))
-        a = a.reshape(size, -1, a.shape[-1]).float()
+        if layer.rule == "conv2d":
+            return self._conv2d_gradients(layer, _per_example(a, size), grad, size)
+        a = _per_example(a, size).reshape(size, -1, a.shape[-1]).float()
         g = grad.reshape(size, -1, grad.shape[-1]).float()
         if "weight" in layer.params:
             spec = "bto,bti->boi" if layer.rule == "linear" else "bto,bti->bio"
@@ -275,6 +292,26 @@ class HookGradients:
         unknown = set(layer.params) - {"weight", "bias"}
         if unknown:
             raise ValueError(f"layer {layer.name!r} has unexpected parameters {sorted(unknown)}")
+        return out
+
+    @staticmethod
+    def _conv2d_gradients(layer: _Layer, a: Tensor, grad: Tensor, size: int) -> dict[str, Tensor]:
+        """∇W_i = Σ_l g_il ⊗ patch_il over output positions l (patches by unfold)."""
+        module = layer.module
+        assert isinstance(module, nn.Conv2d)
+        g = grad.reshape(size, grad.shape[1], -1).float()  # (B, O, L)
+        out: dict[str, Tensor] = {}
+        if "weight" in layer.params:
+            patches = nn.functional.unfold(
+                a.float(),
+                module.kernel_size,
+                dilation=module.dilation,
+                padding=module.padding,
+                stride=module.stride,
+            )  # (B, C·kh·kw, L)
+            out["weight"] = torch.einsum("bol,bil->boi", g, patches)
+        if "bias" in layer.params:
+            out["bias"] = g.sum(2)
         return out
 
     def _local_gradients(self, layer: _Layer, call: _Call) -> dict[str, Tensor]:
@@ -331,6 +368,11 @@ class HookGradients:
             n: (torch.zeros((size, params[n].numel()), device=f.device) if g is None else g)
             for n, g in zip(names, grads, strict=True)
         }
+
+
+def _per_example(t: Tensor, size: int) -> Tensor:
+    """A layer input shared by the batch (dimension 0 of 1) as one row per example."""
+    return t.expand(size, *t.shape[1:]) if t.shape[0] == 1 and size > 1 else t
 
 
 def _detach(value: Any) -> Any:
