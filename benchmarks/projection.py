@@ -11,7 +11,7 @@ warm-up; other processes on a shared machine only ever slow a call down) of
 * ``matmul``: ``torch.matmul`` of a (B, p) by the same cached (p, k) matrix (the floor for
   any dense projection);
 * ``sjlt``: ``SJLT()`` (s = 1), and ``sjlt_s4``: ``SJLT(s=4)``;
-* ``srht``: ``SRHT()`` (block_size 2**16).
+* ``srht``: ``SRHT()`` (Hadamard blocks of the smallest power of two >= k, at most 2**16).
 
 Gradients are passed as the per-parameter blocks ``(B, p_i)``, as ``fasttrak.TRAK`` does.
 ``*_gflops`` is the dense-equivalent rate ``2 * B * p * k / seconds / 1e9``: for dense and
@@ -25,6 +25,7 @@ Usage::
 
     python benchmarks/projection.py            # full run (< 3 min on 2 CPU cores)
     python benchmarks/projection.py --quick    # smoke test (~20 s)
+    python benchmarks/projection.py --sizes 1M --ks 512 1024   # a part of the full run
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="~20 s smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--sizes", nargs="+", choices=list(LAYOUTS), help="model sizes to run")
+    parser.add_argument("--ks", type=int, nargs="+", help="projection dimensions to run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,8 +130,9 @@ def main() -> None:
         sizes, ks = ["25k", "100k"], [512, 2048]
         args.min_total, args.max_calls = 0.0, 2
     else:
-        sizes, ks = list(LAYOUTS), [512, 2048, 8192]
+        sizes, ks = list(LAYOUTS), [512, 1024, 2048, 8192]
         args.min_total, args.max_calls = 1.0, 5
+    sizes, ks = args.sizes or sizes, args.ks or ks
     env = {
         "bench": "env",
         "torch": torch.__version__,
@@ -137,6 +141,7 @@ def main() -> None:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "quick": args.quick,
+        "loadavg_1min": round(os.getloadavg()[0], 2),  # other jobs on a shared machine
     }
     print(json.dumps(env), flush=True)
     start = time.perf_counter()
@@ -156,7 +161,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     total = time.perf_counter() - start
-    print(json.dumps({"bench": "done", "seconds": round(total, 1)}), flush=True)
+    done = {"bench": "done", "seconds": round(total, 1), "loadavg_1min": os.getloadavg()[0]}
+    print(json.dumps(done), flush=True)
     print(table(rows), file=sys.stderr)
 
 

@@ -1,50 +1,66 @@
 """Subsampled randomized Hadamard transform (SRHT), block by block.
 
+Block size: b = min(``block_size``, the smallest power of two >= k). A block needs b >= k
+coordinates to give every one of them a dense image in all k outputs; a larger block only
+costs more Hadamard passes (log b of them) for outputs that are then thrown away, so b grows
+with k, not with the model (k = 512: b = 512, two radix-32 passes instead of four radix-16
+passes at the 2**16 of spec version 1).
+
 Block layout (:func:`block_layout`): each parameter's gradient, of n coordinates, is cut
-from its first coordinate into ⌊n / block_size⌋ blocks of ``block_size`` (a power of two),
-then the rest r = n mod block_size into one block per set bit of r of at least
-``MIN_BLOCK`` (64) coordinates, largest first (r = 452 → 256, 128, 64), and a last block of
-the r mod 64 remaining coordinates, zero-padded to the next power of two. So at most 63
-zero coordinates per parameter are transformed, where padding the whole rest would waste up
-to block_size / 2 (a 20,480-weight layer: 12,288 zeros, 60 % more work). Block boundaries
-are a fixed function of (parameter name, its size), never of its offset in the model, so
-the map of a parameter's coordinates does not depend on the other parameters. Every block β
-(padded size b, m = min(k, b)) gets its own SRHT
+from its first coordinate into ⌊n / b⌋ full blocks of b, then the rest r = n mod b into
+one block per set bit of r of at least ``MIN_BLOCK`` (64) coordinates, largest first
+(r = 452 → 256, 128, 64), and a last block of the r mod 64 remaining coordinates,
+zero-padded to the next power of two. So at most 63 zero coordinates per parameter are
+transformed, where padding the whole rest would waste up to b / 2. Block boundaries are a
+fixed function of (parameter name, its size, b), never of its offset in the model, so the
+map of a parameter's coordinates does not depend on the other parameters. Every block β
+(padded size s) gets its own SRHT
 
-    φ_β = (1/√m) · S_β H_b D_β x_β
+    φ_β = (1/√m) · S_β H_s D_β x_β,    m = min(k, s),
 
-with D_β random ±1 signs, H_b the (unnormalised, ±1) Sylvester–Hadamard matrix, applied by a
-fast Walsh–Hadamard transform in O(b log b), and S_β a random injection between the b
-transformed coordinates and the k outputs:
+with D_β random ±1 signs, H_s the (unnormalised, ±1) Sylvester–Hadamard matrix, applied by
+a fast Walsh–Hadamard transform in O(s log s), and S_β a random map of the s transformed
+coordinates into the k outputs:
 
-* k ≤ b: k of the b coordinates, sampled **without replacement**, go to outputs 0..k-1;
-* k > b: all b coordinates go to b distinct outputs sampled without replacement from the k.
-  The block is then embedded isometrically (‖φ_β‖ = ‖x_β‖ exactly): no error, no variance,
-  no duplicated coordinates (sampling with replacement would add variance; an error would
-  forbid every bias vector smaller than k).
+* full blocks, s = b >= k: a uniformly random k-subset of the b coordinates, **without
+  replacement**, in increasing order, goes to outputs 0..k-1 with independent random signs
+  E_β: S_β = E_β R_β. When b = k (k a power of two) R_β is the identity, and S_β costs one
+  multiply: no gather. The signs decorrelate blocks: two blocks' images share every
+  output, and ⟨E_β u, E_γ v⟩ is a Rademacher sum over the k outputs (variance
+  Σ_l u_l² v_l², about ‖u‖²‖v‖²/k after the Hadamard mixing), as for a dense map;
+* smaller blocks (the rest of a parameter, s < k): all s coordinates go to s distinct
+  outputs sampled without replacement from the k. The block is then embedded isometrically
+  (‖φ_β‖ = ‖x_β‖ exactly): no error, no variance, no duplicated coordinates (sampling with
+  replacement would add variance; an error would forbid every bias vector smaller than k).
 
 The features are the sum over blocks, φ = Σ_β φ_β.
 
-Scale: ‖H_b D_β x_β‖² = b ‖x_β‖². For k ≤ b each transformed coordinate is kept with
-probability k/b, so E‖φ_β‖² = (1/k)(k/b) b ‖x_β‖² = ‖x_β‖²; for k > b, ‖φ_β‖² = (1/b) b ‖x_β‖².
-Blocks have independent signs, so E⟨φ_β, φ_γ⟩ = 0 for β ≠ γ and E‖φ‖² = Σ_β ‖x_β‖² = ‖g‖²;
-the same argument on x + y gives E⟨φ(x), φ(y)⟩ = ⟨x, y⟩.
+Scale: ‖H_s D_β x_β‖² = s ‖x_β‖². For s >= k each transformed coordinate is kept with
+probability k/s, so E‖φ_β‖² = (1/k)(k/s) s ‖x_β‖² = ‖x_β‖² (exactly when s = k: the block
+map is orthogonal); for s < k, ‖φ_β‖² = (1/s) s ‖x_β‖². Blocks have independent signs, so
+E⟨φ_β, φ_γ⟩ = 0 for β ≠ γ and E‖φ‖² = Σ_β ‖x_β‖² = ‖g‖²; the same argument on x + y gives
+E⟨φ(x), φ(y)⟩ = ⟨x, y⟩.
 
 Randomness is a pure function of (seed, model index, parameter name, coordinate / block):
-the signs D of a parameter's coordinates are drawn in fixed tiles of ``TILE_ROWS``
+the input signs D of a parameter's coordinates are drawn in fixed tiles of ``TILE_ROWS``
 coordinates from a CPU generator seeded by
-:func:`~fasttrak.projection.dense.projection_seed` (they do not depend on ``block_size``),
-and the sampling S_β of block j (counting from 0 in the parameter's layout) of parameter
-``name`` from a generator seeded by ``projection_seed(seed, model_id, name + "/srht", j)``.
-Both are generated once per projector on the CPU and moved to ``device``.
+:func:`~fasttrak.projection.dense.projection_seed` (they do not depend on b); the output
+signs E of its full blocks likewise, as one stream of k signs per full block (block j:
+entries j·k .. j·k + k - 1) in tiles seeded by ``projection_seed(seed, model_id,
+name + "/srht-out", tile)``; the subset R_β (b > k) or the outputs of a smaller block j
+(counting from 0 in the parameter's layout) from a generator seeded by
+``projection_seed(seed, model_id, name + "/srht", j)``. All are generated once per
+projector on the CPU and moved to ``device``.
 
 A NaN or inf anywhere in a block reaches every transformed coordinate of that block (every
-entry of H_b is ±1), hence at least min(k, b) ≥ 1 features of that example's row.
+entry of H_s is ±1), hence at least min(k, s) ≥ 1 features of that example's row.
 
-Memory: besides the cached signs (4 bytes per parameter) and sampling indices (8 bytes per
-sampled coordinate), a projector keeps two float32 work buffers of max(``chunk_elems``,
-padded block size) entries (4 MiB each by default), reused by every call: rows and blocks
-are processed in chunks of at most that many entries, whatever the batch size.
+Memory: besides the cached signs (4 bytes per parameter for D, 4 bytes per full-block output
+for E, i.e. about 4 k/b bytes per parameter) and sampling indices (8 bytes per sampled
+coordinate, only when b > k or for the rest blocks), a projector keeps two float32 work
+buffers of max(``chunk_elems``, padded block size) entries (4 MiB each by default), reused by
+every call: rows and blocks are processed in chunks of at most that many entries, whatever
+the batch size.
 """
 
 from __future__ import annotations
@@ -149,7 +165,10 @@ class _Group:
     size: int
     runs: list[_Run] = field(default_factory=list)
     num_blocks: int = 0
-    index: Tensor | None = None  # (num_blocks, min(k, size)): rows (k <= size) or cols (k > size)
+    # (num_blocks, min(k, size)): the sampled coordinates (size > k, increasing) or the
+    # outputs (size < k) of every block; None when size == k (every coordinate, in order).
+    index: Tensor | None = None
+    out_signs: Tensor | None = None  # (num_blocks, k) output signs E when size >= k
 
 
 MIN_BLOCK = 64
@@ -189,7 +208,7 @@ class SRHTProjector:
     model_id: int = 0
     device: torch.device | str = "cpu"
     chunk_elems: int = 2**20
-    radix: int | None = None  # None: 16 on CPU (matmul factors), 2 elsewhere (exact additions)
+    radix: int | None = None  # None: 32 on CPU (matmul factors), 2 elsewhere (exact additions)
     group_rows: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
@@ -198,11 +217,13 @@ class SRHTProjector:
             raise ValueError(f"proj_dim must be >= 1, got {self.k}")
         self.device = torch.device(self.device)
         if self.radix is None:
-            self.radix = 16 if self.device.type == "cpu" else 2
+            self.radix = 32 if self.device.type == "cpu" else 2
+        self.block = effective_block_size(self.block_size, self.k)
         self.num_params = sum(self.param_numels.values())
         self._offsets: list[int] = []
         groups: dict[int, _Group] = {}
         block_index: dict[int, list[Tensor]] = {}
+        block_signs: dict[int, list[Tensor]] = {}
         signs = torch.empty(self.num_params, dtype=torch.float32)
         offset = 0
         for part, (name, numel) in enumerate(self.param_numels.items()):
@@ -216,26 +237,38 @@ class SRHTProjector:
                 start = offset + tile * TILE_ROWS
                 signs[start : start + rows] = 1.0 - 2.0 * bits.float()
             j = 0  # block index within the parameter
-            for start, count, length, size in block_layout(numel, self.block_size):
+            for start, count, length, size in block_layout(numel, self.block):
                 group = groups.setdefault(size, _Group(size))
                 group.runs.append(_Run(part, start, count, length, group.num_blocks))
                 group.num_blocks += count
                 m = min(self.k, size)
                 scale = 1.0 / math.sqrt(m)
                 signs[offset + start : offset + start + count * length] *= scale
-                for _ in range(count):
-                    gen = torch.Generator().manual_seed(
-                        projection_seed(self.seed, self.model_id, f"{name}/srht", j)
+                if size >= self.k:  # output signs E of blocks j .. j + count - 1
+                    stream = _sign_stream(
+                        self.seed, self.model_id, f"{name}/srht-out", j * self.k, count * self.k
                     )
-                    perm = torch.randperm(max(self.k, size), generator=gen)[:m]
-                    block_index.setdefault(size, []).append(perm)
-                    j += 1
+                    block_signs.setdefault(size, []).append(stream.view(count, self.k))
+                for i in range(count):
+                    if size == self.k:
+                        continue
+                    gen = torch.Generator().manual_seed(
+                        projection_seed(self.seed, self.model_id, f"{name}/srht", j + i)
+                    )
+                    if size > self.k:  # a k-subset of the block's coordinates, in order
+                        chosen = torch.randperm(size, generator=gen)[:m].sort().values
+                    else:  # m = size distinct outputs
+                        chosen = torch.randperm(self.k, generator=gen)[:m]
+                    block_index.setdefault(size, []).append(chosen)
+                j += count
             offset += numel
         self._signs = signs.to(self.device)
         self._groups = sorted(groups.values(), key=lambda g: -g.size)
         for group in self._groups:
-            group.index = torch.stack(block_index[group.size]).to(self.device)
-        self._arange_k = torch.arange(self.k, device=self.device)
+            if group.size != self.k:
+                group.index = torch.stack(block_index[group.size]).to(self.device)
+            if group.size >= self.k:
+                group.out_signs = torch.cat(block_signs[group.size]).to(self.device)
         self._buffers: tuple[Tensor, ...] | None = None
 
     def matrix(self) -> Tensor:
@@ -287,17 +320,29 @@ class SRHTProjector:
             if run.length < size:
                 buf[:, i : i + c, run.length :].zero_()
             i += c
-        y = _fwht_pair(buf.view(rows * count, size), spare.view(rows * count, size), self.radix)
-        y = y.view(rows, count * size)
-        assert group.index is not None
+        flat = buf.view(rows * count, size)
+        y = _fwht_pair(flat, spare.view(rows * count, size), self.radix)
+        free = (spare if y is flat else buf).reshape(-1)  # the work buffer not holding y
         first = pieces[0][0].first + pieces[0][1]
-        index = group.index[first : first + count]
-        if self.k <= size:  # keep the sampled coordinates of every block, add them up
+        if size < self.k:  # every transformed coordinate goes to its own sampled output
+            assert group.index is not None
+            index = group.index[first : first + count]
+            out.index_add_(1, index.reshape(-1), y.view(rows, count * size))
+            return
+        # Keep the sampled coordinates of every block (all of them when size == k), flip
+        # their output signs and add the blocks up.
+        assert group.out_signs is not None
+        out_signs = group.out_signs[first : first + count]
+        kept = free[: rows * count * self.k].view(rows, count, self.k)
+        if size > self.k:
+            assert group.index is not None
             offsets = torch.arange(count, device=self.device)[:, None] * size
-            vals = y.index_select(1, (index + offsets).reshape(-1))
-            out.index_add_(1, self._arange_k.repeat(count), vals)
-        else:  # every transformed coordinate goes to its own sampled output
-            out.index_add_(1, index.reshape(-1), y)
+            index = (group.index[first : first + count] + offsets).reshape(-1)
+            torch.index_select(y.view(rows, count * size), 1, index, out=kept.view(rows, -1))
+            kept.mul_(out_signs)
+        else:
+            torch.mul(y.view(rows, count, size), out_signs, out=kept)
+        out.add_(kept.sum(1))
 
     def _work(self, numel: int) -> tuple[Tensor, Tensor]:
         """Two flat float32 work buffers of at least ``numel`` entries, kept between calls
@@ -307,6 +352,24 @@ class SRHTProjector:
                 torch.empty(numel, dtype=torch.float32, device=self.device) for _ in range(2)
             )
         return self._buffers[0][:numel], self._buffers[1][:numel]
+
+
+def effective_block_size(block_size: int, k: int) -> int:
+    """The Hadamard block size b of a projection to k: the smallest power of two >= k (a
+    block needs k coordinates to fill k outputs), at most ``block_size``."""
+    return min(block_size, _next_pow2(k))
+
+
+def _sign_stream(seed: int, model_id: int, key: str, start: int, length: int) -> Tensor:
+    """Entries start .. start + length - 1 of a stream of ±1 (float32) drawn in tiles of
+    ``TILE_ROWS`` from generators seeded by ``projection_seed(seed, model_id, key, tile)``."""
+    first, last = start // TILE_ROWS, (start + length - 1) // TILE_ROWS
+    tiles = []
+    for tile in range(first, last + 1):
+        gen = torch.Generator().manual_seed(projection_seed(seed, model_id, key, tile))
+        bits = torch.randint(0, 2, (TILE_ROWS,), generator=gen, dtype=torch.int8)
+        tiles.append(1.0 - 2.0 * bits.float())
+    return torch.cat(tiles)[start - first * TILE_ROWS :][:length]
 
 
 def _chunks(runs: list[_Run], cap: int):
@@ -341,10 +404,12 @@ def _check_block_size(block_size: int) -> None:
 
 @dataclass(frozen=True)
 class SRHT:
-    """Subsampled randomized Hadamard transform over blocks of ``block_size`` coordinates.
+    """Subsampled randomized Hadamard transform over blocks of b = min(``block_size``, the
+    smallest power of two >= k) coordinates.
 
-    O(B·p·log(block_size)) per batch, independent of k; features are the sum of independent
-    per-block SRHTs (see the module docstring).
+    O(B·p·log b) per batch; features are the sum of independent per-block SRHTs (see the
+    module docstring). Spec version 2 (blocks sized by k, output signs); stores made with
+    version 1 (blocks of ``block_size``, sampled outputs) refuse to mix with it.
     """
 
     block_size: int = 2**16
@@ -358,7 +423,7 @@ class SRHT:
             "block_size": self.block_size,
             "k": k,
             "tile_rows": TILE_ROWS,
-            "version": 1,
+            "version": 2,
         }
 
     def output_dim(self, k: int, num_params: int) -> int:
