@@ -541,3 +541,24 @@ def test_conv2d_variants_match_the_autograd_loop(conv):
     torch.testing.assert_close(
         grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
     )
+
+
+def test_factored_covers_position_embeddings_shared_by_the_batch():
+    from fasttrak.projection import Factored
+
+    model = tiny_gpt2().eval()
+    ids, mask = padded_ids(LENGTHS, 30)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    task = FnTask(lm_logprob, ("input_ids", "attention_mask"))
+    names = ["transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight"]
+    projector = Factored(k_in=3, k_out=4).build_factored(model, names, 24, seed=2, model_id=0,
+                                                         device="cpu")  # fmt: skip
+    state = load_state(model, None)
+    feats = projector.features(model, task, state, batch)
+    grads = dict(zip(names, HookGradients(model, task, names).parts(state, batch), strict=True))
+    start = 0
+    for layer in projector.layers:
+        block = torch.cat([grads[p] for p in layer.params], dim=1) @ projector.kron(layer.name)
+        torch.testing.assert_close(feats[:, start : start + block.shape[1]], block, atol=1e-4,
+                                   rtol=1e-4)  # fmt: skip
+        start += block.shape[1]

@@ -178,7 +178,13 @@ class FactoredFeatures:
 
         def make_hook(layer_name: str):
             def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-                calls[layer_name].append((args[0].detach(), output))
+                inp = args[0].detach()
+                if output.ndim and output.shape[0] == 1 and inp.shape[0] == 1 and size > 1:
+                    # A layer on a batch-less input (position ids (1, T)) whose output is
+                    # broadcast: one copy per example, so row i of its gradient is example i's.
+                    output = output.expand(size, *output.shape[1:])
+                    inp = inp.expand(size, *inp.shape[1:])
+                calls[layer_name].append((inp, output))
                 # The output we differentiate against must stay untouched by later in-place
                 # operations (e.g. ReLU(inplace=True)): hand the rest of the model a copy.
                 return output.clone()
