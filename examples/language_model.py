@@ -20,8 +20,8 @@ Run it::
 ``--projector factored`` projects GPT-2's ``Conv1D`` layers (attention and MLP) with the
 per-layer Kronecker projection, without forming per-example gradients (docs/factored.md).
 It selects ``params=Conv1D`` because the factored projector refuses tied weights (GPT-2's
-``wte`` is also its ``lm_head``) and cannot cover the position embedding ``wpe`` (one
-output shared by every example of a batch) nor the LayerNorms.
+``wte`` is also its ``lm_head``) and does not cover the LayerNorms (the position embedding
+``wpe`` it could cover; the example keeps to the Conv1D layers).
 
 # ---------------------------------------------------------------------------------------
 # Pointing it at a real checkpoint and dataset (comments only; nothing here is executed):
@@ -184,7 +184,7 @@ def main() -> None:
 
     if args.projector == "factored":
         # GPT-2's attention and MLP layers are HF Conv1D (weight (in, out)); the factored
-        # projector covers them. wte/lm_head are tied and wpe is shared by the batch: left out.
+        # projector covers them. wte/lm_head are tied (refused): left out, as are wpe and the norms.
         options = dict(projector=ft.projection.Factored(), params=transformers.pytorch_utils.Conv1D)
     else:
         options = dict(projector="srht")  # every parameter; the hook engine handles tied wte
