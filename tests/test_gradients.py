@@ -108,3 +108,14 @@ def test_margin_is_stable_for_half_precision_logits(dtype):
     assert margin.dtype == torch.float32 and torch.isfinite(margin).all()
     exact = torch.tensor([30000.0, 3.0 - torch.logsumexp(torch.tensor([1.0, 2.0]), 0).item()])
     torch.testing.assert_close(margin, exact, rtol=1e-2, atol=1e-2)
+
+
+def test_params_exclusions():
+    model = make_mlp()
+    assert select_parameters(model, "!0.bias") == ["0.weight", "2.weight", "2.bias"]
+    assert select_parameters(model, ["*.weight", "!2.*"]) == ["0.weight"]
+    assert select_parameters(model, [nn.Linear, "!*.bias"]) == ["0.weight", "2.weight"]
+    with pytest.raises(ValueError, match="exclusion '!nope' matches no parameter"):
+        select_parameters(model, ["!nope"])
+    with pytest.raises(ValueError, match="leaves no parameter"):
+        select_parameters(model, ["0.*", "!0.*"])

@@ -9,7 +9,8 @@ from torch import nn
 
 ParamSpec = str | nn.Module | type | Iterable[str | nn.Module | type] | None
 """None (every trainable parameter), a name or glob ("fc.*"), ``"lora"`` (every LoRA adapter
-matrix of a PEFT model), a submodule, a module type (nn.Linear), or a list mixing those."""
+matrix of a PEFT model), a submodule, a module type (nn.Linear), an exclusion ("!fc.bias",
+"!*.norm.*"), or a list mixing those."""
 
 LORA = "lora"
 """``params="lora"``: the adapter tensors PEFT adds (``lora_A``, ``lora_B``, ``lora_embedding_A/B``,
@@ -20,30 +21,50 @@ differentiated."""
 def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
     """Names of the selected parameters, in ``model.named_parameters()`` order.
 
-    Raises ValueError when the selection matches nothing, naming what is available.
+    Entries that start with ``"!"`` (``"!lm_head.*"``) exclude names or globs from what the
+    other entries select (from every trainable parameter when there are only exclusions).
+    Raises ValueError when an entry matches nothing or nothing is left, naming what exists.
     """
     named = dict(model.named_parameters())
-    if params is None:
+    items = (
+        []
+        if params is None
+        else [params]
+        if isinstance(params, (str, nn.Module, type))
+        else list(params)
+    )
+    if params is not None and not items:
+        raise ValueError("params= is an empty list; pass None to use every trainable parameter")
+    excludes = [i[1:] for i in items if isinstance(i, str) and i.startswith("!")]
+    includes = [i for i in items if not (isinstance(i, str) and i.startswith("!"))]
+    available = ", ".join(list(named)[:12]) + (" ..." if len(named) > 12 else "")
+    if includes:
+        chosen: set[str] = set()
+        for item in includes:
+            matched = _match(model, named, item)
+            if not matched:
+                raise ValueError(
+                    f"params= entry {item!r} matches no parameter of the model; "
+                    f"parameter names are: {available}"
+                )
+            chosen |= matched
+    else:
         chosen = {name for name, p in named.items() if p.requires_grad}
         if not chosen:
             raise ValueError(
                 "the model has no parameter with requires_grad=True; pass params= to choose "
                 "which parameters to attribute through"
             )
-        return [name for name in named if name in chosen]
-    items = [params] if isinstance(params, (str, nn.Module, type)) else list(params)
-    if not items:
-        raise ValueError("params= is an empty list; pass None to use every trainable parameter")
-    chosen: set[str] = set()
-    for item in items:
-        matched = _match(model, named, item)
-        if not matched:
-            available = ", ".join(list(named)[:12]) + (" ..." if len(named) > 12 else "")
+    for pattern in excludes:
+        dropped = _match(model, named, pattern)
+        if not dropped:
             raise ValueError(
-                f"params= entry {item!r} matches no parameter of the model; "
+                f"params= exclusion '!{pattern}' matches no parameter of the model; "
                 f"parameter names are: {available}"
             )
-        chosen |= matched
+        chosen -= dropped
+    if not chosen:
+        raise ValueError(f"params= {params!r} leaves no parameter to differentiate")
     return [name for name in named if name in chosen]
 
 
