@@ -58,7 +58,7 @@ entry of H_s is ±1), hence at least min(k, s) ≥ 1 features of that example's 
 Memory: besides the cached signs (4 bytes per parameter for D, 4 bytes per full-block output
 for E, i.e. about 4 k/b bytes per parameter) and sampling indices (8 bytes per sampled
 coordinate, only when b > k or for the rest blocks), a projector keeps two float32 work
-buffers of max(``chunk_elems``, padded block size) entries (4 MiB each by default), reused by
+buffers of max(``chunk_elems``, padded block size) entries (2 MiB each by default), reused by
 every call: rows and blocks are processed in chunks of at most that many entries, whatever
 the batch size.
 """
@@ -207,7 +207,7 @@ class SRHTProjector:
     seed: int = 0
     model_id: int = 0
     device: torch.device | str = "cpu"
-    chunk_elems: int = 2**20
+    chunk_elems: int = 2**19  # 2 MiB buffers: 2**18 .. 2**20 within noise, 2**21 slower
     radix: int | None = None  # None: 32 on CPU (matmul factors), 2 elsewhere (exact additions)
     group_rows: int = field(default=1, init=False)
 
