@@ -261,9 +261,15 @@ class TRAK:
     ) -> Tensor:
         """Project a group of batches. Non-finite gradients show as non-finite features: every
         projector sends each gradient coordinate to at least one output with a nonzero weight."""
-        parts = (
-            group[0] if len(group) == 1 else [torch.cat(col) for col in zip(*group, strict=True)]
-        )
+        if len(group) == 1:
+            parts = group[0]
+        else:  # per parameter, releasing each batch's piece once copied: one copy at a time
+            parts = []
+            for i in range(len(group[0])):
+                parts.append(torch.cat([batch[i] for batch in group]))
+                for batch in group:
+                    batch[i] = None  # type: ignore[call-overload]
+        group.clear()
         features = projector.project(parts)
         self._check_finite(features, start, m)
         return features

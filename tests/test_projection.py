@@ -138,3 +138,20 @@ def test_cuda_features_equal_cpu_features():
         trak.featurize((xs, ys))
         feats[device] = trak.store.checkpoint(0).features[:]
     np.testing.assert_allclose(feats["cuda"], feats["cpu"], rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_projection_of_parameter_blocks_equals_the_matrix_product():
+    from fasttrak.projection.dense import DenseProjector
+
+    numels = {"a": 3000, "b": 700, "c": 2500}
+    cached = DenseProjector(numels, k=16, seed=4, model_id=1, kind="rademacher")
+    streamed = DenseProjector(
+        numels, k=16, seed=4, model_id=1, kind="rademacher", cache_bytes=4 * 16 * 1500
+    )
+    assert cached.cached and not streamed.cached
+    grads = torch.randn(5, 6200, generator=torch.Generator().manual_seed(0))
+    blocks = list(grads.split([3000, 700, 2500], dim=1))
+    want = grads @ cached.matrix()
+    for projector in (cached, streamed):
+        torch.testing.assert_close(projector.project(blocks), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(projector.project(grads), want, rtol=1e-5, atol=1e-4)

@@ -113,41 +113,45 @@ class DenseProjector:
     def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
         """grads (B, p), or its per-parameter blocks (B, p_i) in order -> features (B, k),
         float32, on ``device``. Blocks are multiplied with the matching rows of P in place
-        of a concatenation (one less copy of the gradients)."""
-        if not isinstance(grads, Tensor):
-            if len(grads) == 0:
-                raise ValueError("project() got no gradient blocks; pass (B, p) gradients")
-            if self.cached and sum(g.shape[1] for g in grads) == self.num_params:
-                matrix, start = self.matrix(), 0
-                out = torch.zeros(
-                    (grads[0].shape[0], self.k), dtype=torch.float32, device=self.device
-                )
-                for block in grads:
-                    block = block.to(device=self.device, dtype=torch.float32)
-                    out.addmm_(block, matrix[start : start + block.shape[1]])
-                    start += block.shape[1]
-                return out
-            grads = torch.cat(list(grads), dim=1)
-        if grads.ndim != 2 or grads.shape[1] != self.num_params:
-            raise ValueError(
-                f"expected gradients of shape (B, {self.num_params}), got {tuple(grads.shape)}"
-            )
-        grads = grads.to(device=self.device, dtype=torch.float32)
+        of a concatenation (no copy of the gradients). A streamed matrix is generated block
+        by block into one reused buffer of at most ``cache_bytes``."""
+        parts = [grads] if isinstance(grads, Tensor) else list(grads)
+        if not parts:
+            raise ValueError("project() got no gradient blocks; pass (B, p) gradients")
+        if any(g.ndim != 2 for g in parts) or sum(g.shape[1] for g in parts) != self.num_params:
+            shapes = [tuple(g.shape) for g in parts]
+            raise ValueError(f"expected gradients of shape (B, {self.num_params}), got {shapes}")
+        rows = parts[0].shape[0]
+        out = torch.zeros((rows, self.k), dtype=torch.float32, device=self.device)
         if self.cached:
-            return grads @ self.matrix()
-        out = torch.zeros((grads.shape[0], self.k), dtype=torch.float32, device=self.device)
+            self._accumulate(out, parts, self.matrix(), 0)
+            return out
         rows_per_block = max(TILE_ROWS, self.cache_bytes // (4 * self.k))
+        buffer = torch.empty((min(rows_per_block, self.num_params), self.k), dtype=torch.float32)
         block: list[_Tile] = []
         for tile in self._tiles + [None]:  # type: ignore[list-item]
             if tile is not None and sum(t.rows for t in block) + tile.rows <= rows_per_block:
                 block.append(tile)
                 continue
             if block:
-                start, stop = block[0].start, block[-1].start + block[-1].rows
-                p_block = torch.cat([self._tile(t) for t in block]).to(self.device)
-                out.addmm_(grads[:, start:stop], p_block)
+                start, filled = block[0].start, 0
+                for t in block:
+                    buffer[filled : filled + t.rows] = self._tile(t)
+                    filled += t.rows
+                self._accumulate(out, parts, buffer[:filled].to(self.device), start)
             block = [tile] if tile is not None else []
         return out
+
+    def _accumulate(self, out: Tensor, parts: list[Tensor], rows_of_p: Tensor, start: int) -> None:
+        """out += grads[:, start : start + len(rows_of_p)] @ rows_of_p, reading the columns
+        from the per-parameter blocks ``parts`` (no concatenated copy)."""
+        stop, offset = start + rows_of_p.shape[0], 0
+        for part in parts:
+            lo, hi = max(start, offset), min(stop, offset + part.shape[1])
+            if lo < hi:
+                cols = part[:, lo - offset : hi - offset].to(self.device, torch.float32)
+                out.addmm_(cols, rows_of_p[lo - start : hi - start])
+            offset += part.shape[1]
 
 
 @dataclass(frozen=True)
