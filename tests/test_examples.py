@@ -3,8 +3,8 @@
 Each example trains (briefly) a tiny model, featurizes with ft.TRAK, scores a few targets
 and ends with a sanity line ("top proponent ... for h/n targets") and "done in ... s".
 Scripts that need transformers/peft are skipped when those are missing. Each example costs
-~8-20 s on 2 CPU cores (much of it importing torch and transformers), so only the image
-classifier (no transformers) runs by default; the others are marked slow (``make test-all``).
+~8-20 s on 2 CPU cores (much of it importing torch and transformers); all of them run in the
+default suite (about 1 min together).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def test_image_classification(tmp_path):
     assert (tmp_path / "store" / "zarr.json").exists()
 
 
-@pytest.mark.slow
 def test_text_classification():
     pytest.importorskip("transformers")
     output = run_example("text_classification.py")
@@ -60,7 +59,6 @@ def test_text_classification():
     assert total == 6 and hits >= total // 2  # 6/6 when written
 
 
-@pytest.mark.slow
 def test_clip():
     pytest.importorskip("transformers")
     output = run_example("clip.py")
@@ -69,7 +67,6 @@ def test_clip():
     assert total == 4 and hits >= total // 2  # 4/4 when written
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("projector", ["srht", "factored"])
 def test_language_model(projector):
     pytest.importorskip("transformers")
@@ -82,7 +79,6 @@ def test_language_model(projector):
     assert total == 4 and hits >= total // 2  # 4/4 when written
 
 
-@pytest.mark.slow
 def test_seq2seq():
     pytest.importorskip("transformers")
     output = run_example("seq2seq.py")
@@ -90,7 +86,6 @@ def test_seq2seq():
     assert total == 4 and hits >= total // 2  # 4/4 when written
 
 
-@pytest.mark.slow
 def test_lora():
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
