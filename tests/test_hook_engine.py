@@ -562,3 +562,13 @@ def test_factored_covers_position_embeddings_shared_by_the_batch():
         torch.testing.assert_close(feats[:, start : start + block.shape[1]], block, atol=1e-4,
                                    rtol=1e-4)  # fmt: skip
         start += block.shape[1]
+
+
+def test_vmap_engine_failure_on_masked_hugging_face_batches_names_the_fix():
+    model = tiny_bert()
+    ids, mask = padded_ids(LENGTHS, 30)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    task = FnTask(bert_margin, ("input_ids", "attention_mask"))
+    names = select_parameters(model, "classifier.*")
+    with pytest.raises(RuntimeError, match="engine='hooks'"):
+        vmap_parts(model, task, batch, names)

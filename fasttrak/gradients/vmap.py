@@ -50,6 +50,15 @@ class VmapGradients:
             return self.task.output(forward, one)[0]
 
         per_example = vmap(grad(output_of_one), in_dims=(None, 0), chunk_size=self.chunk_size)
-        grads = per_example(selected, batch)
+        try:
+            grads = per_example(selected, batch)
+        except RuntimeError as error:
+            if "data-dependent control flow" not in str(error) and "vmap" not in str(error):
+                raise
+            raise RuntimeError(
+                "the vmap engine cannot run this model under torch.func.vmap (e.g. Hugging Face "
+                "attention masks use data-dependent control flow); use engine='hooks', which "
+                f"runs unmodified models with one batched forward and backward. vmap said: {error}"
+            ) from error
         size = self.task.batch_size(batch)
         return [grads[name].reshape(size, -1).float() for name in self.selected]
