@@ -368,10 +368,15 @@ def test_gpt2_vmap_engine_agrees_with_eager_attention():
     torch.testing.assert_close(vmap_parts(model, task, batch, names), grads, rtol=1e-3, atol=1e-5)
 
 
-def test_t5_relative_position_bias_and_padding_match_the_loop():
+@pytest.mark.parametrize(
+    "lengths, label_lengths",
+    [(LENGTHS, (2, 3, 1, 3)), ((4, 3, 4, 2), (2, 3, 1, 4))],
+    ids=["T != B", "T == B"],  # T == B: the (T, T, heads) bias looks batch-first by shape
+)
+def test_t5_relative_position_bias_and_padding_match_the_loop(lengths, label_lengths):
     model = tiny_t5()
-    ids, mask = padded_ids(LENGTHS, 30, seed=1)
-    labels, label_mask = padded_ids((2, 3, 1, 3), 30, seed=2)
+    ids, mask = padded_ids(lengths, 30, seed=1)
+    labels, label_mask = padded_ids(label_lengths, 30, seed=2)
     decoder_ids = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
     batch = {
         "input_ids": ids,
@@ -392,7 +397,7 @@ def test_t5_relative_position_bias_and_padding_match_the_loop():
     names, grads = hook_parts(model, task, batch)
     assert any("relative_attention_bias" in n for n in names)
     # Trimming the encoder only (decoder lengths vary too but are masked in f).
-    expected = loop_hf(model, task, batch, LENGTHS, names, ("input_ids", "attention_mask"))
+    expected = loop_hf(model, task, batch, lengths, names, ("input_ids", "attention_mask"))
     torch.testing.assert_close(grads, expected, rtol=1e-3, atol=1e-5)
 
 
@@ -572,3 +577,17 @@ def test_vmap_engine_failure_on_masked_hugging_face_batches_names_the_fix():
     names = select_parameters(model, "classifier.*")
     with pytest.raises(RuntimeError, match="engine='hooks'"):
         vmap_parts(model, task, batch, names)
+
+
+def test_factored_refuses_layers_without_a_batch_dimension():
+    from fasttrak.projection import Factored
+
+    model = tiny_t5().eval()
+    ids, mask = padded_ids((4, 3, 4, 2), 30, seed=1)  # T == B: the shapes cannot tell
+    labels, _ = padded_ids((2, 3, 1, 4), 30, seed=2)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    names = select_parameters(model, "*relative_attention_bias*")
+    projector = Factored(k_in=2, k_out=2).build_factored(model, names, 8, seed=0, model_id=0,
+                                                         device="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match="no batch dimension"):
+        projector.features(model, ft.tasks.Seq2Seq(), load_state(model, None), batch)

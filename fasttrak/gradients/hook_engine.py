@@ -132,6 +132,8 @@ class HookGradients:
             self.layers[module_name].params[attr] = name
         self._replaying = False
         self._size = 0
+        self._batchless: set[str] | None = None  # layers whose output has no batch dimension
+        self._probe_dims: dict[str, set[int]] | None = None
         self._shared: set[str] = set()  # parameters of layers whose output has no batch dim
 
     # ------------------------------------------------------------------ public
@@ -156,6 +158,8 @@ class HookGradients:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 return functional_call(self.model, params, args, kwargs)
 
+            if size > 1 and self._batchless is None:
+                self._batchless = self._probe(forward, batch, size)
             with torch.enable_grad():
                 f = self.task.output(forward, batch)
                 if not isinstance(f, Tensor) or f.shape != (size,):
@@ -206,6 +210,10 @@ class HookGradients:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
             if self._replaying:
                 return
+            if self._probe_dims is not None:
+                dims = self._probe_dims.setdefault(layer.name, set())
+                dims.add(output.shape[0] if isinstance(output, Tensor) and output.ndim else -1)
+                return
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"layer {layer.name!r} ({type(module).__name__}) returns "
@@ -229,7 +237,11 @@ class HookGradients:
                 # broadcast over the batch: hand the model one copy per example, so that row
                 # i of its gradient is example i's (exactly what broadcasting computes).
                 output = output.expand(self._size, *output.shape[1:])
-            elif output.ndim == 0 or output.shape[0] != self._size:
+            elif (
+                output.ndim == 0
+                or output.shape[0] != self._size
+                or layer.name in (self._batchless or ())
+            ):
                 self._shared.update(layer.params.values())  # no batch dimension: shared
                 return
             tensors = {}
@@ -251,6 +263,19 @@ class HookGradients:
             return output.clone()
 
         return hook
+
+    def _probe(self, forward: Forward, batch: Any, size: int) -> set[str]:
+        """Layers whose output has no batch dimension, found by a no-grad forward of ONE
+        example: a batch-first output then has dimension 0 equal to 1. Shape alone cannot
+        tell on the real batch when a batch-less output's dimension 0 happens to equal the
+        batch size (T5's (T, T, heads) relative position bias with T == B)."""
+        self._probe_dims = {}
+        try:
+            with torch.no_grad():
+                self.task.output(forward, split_batch(batch, size, slice(0, 1)))
+            return {name for name, dims in self._probe_dims.items() if dims != {1}}
+        finally:
+            self._probe_dims = None
 
     # ------------------------------------------------------------------ per-layer rules
     def _layer_gradients(self, layer: _Layer, call: _Call, size: int) -> dict[str, Tensor]:
