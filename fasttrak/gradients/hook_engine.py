@@ -23,7 +23,9 @@ and each example's parameter gradient follows from its own rows:
   row i of its gradient is example i's and the rules above apply;
 - parameters used by the root module itself (no layer owns them, e.g. CLIP's
   ``logit_scale``), and layers whose output has no batch dimension at all (T5's relative
-  position bias, (T, T, heads)): a batched backward (``is_grads_batched``) with one-hot
+  position bias, (T, T, heads); found by a no-grad forward of one example, where every
+  batch-first output has dimension 0 equal to 1, since shapes alone cannot tell when T
+  equals the batch size): a batched backward (``is_grads_batched``) with one-hot
   output weights, i.e. B vectorised backward passes over the graph below f down to those
   parameters. Exact but up to B times slower than the rest: exclude such parameters with
   ``params=`` when the batch is large (docs/modalities).
