@@ -135,7 +135,6 @@ class HookGradients:
         self._replaying = False
         self._size = 0
         self._batchless: set[str] | None = None  # layers whose output has no batch dimension
-        self._probe_dims: dict[str, set[int]] | None = None
         self._shared: set[str] = set()  # parameters of layers whose output has no batch dim
 
     # ------------------------------------------------------------------ public
@@ -151,17 +150,18 @@ class HookGradients:
         for layer in self.layers.values():
             layer.calls = []
         self._size, self._shared = size, set()
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, params, args, kwargs)
+
+        if size > 1 and self._batchless is None:
+            modules = {name: layer.module for name, layer in self.layers.items()}
+            self._batchless = batchless_layers(modules, self.task, forward, batch)
         handles = [
             layer.module.register_forward_hook(self._hook(layer), with_kwargs=True)
             for layer in self.layers.values()
         ]
         try:
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                return functional_call(self.model, params, args, kwargs)
-
-            if size > 1 and self._batchless is None:
-                self._batchless = self._probe(forward, batch, size)
             with torch.enable_grad():
                 f = self.task.output(forward, batch)
                 if not isinstance(f, Tensor) or f.shape != (size,):
@@ -212,10 +212,6 @@ class HookGradients:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
             if self._replaying:
                 return
-            if self._probe_dims is not None:
-                dims = self._probe_dims.setdefault(layer.name, set())
-                dims.add(output.shape[0] if isinstance(output, Tensor) and output.ndim else -1)
-                return
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"layer {layer.name!r} ({type(module).__name__}) returns "
@@ -265,19 +261,6 @@ class HookGradients:
             return output.clone()
 
         return hook
-
-    def _probe(self, forward: Forward, batch: Any, size: int) -> set[str]:
-        """Layers whose output has no batch dimension, found by a no-grad forward of ONE
-        example: a batch-first output then has dimension 0 equal to 1. Shape alone cannot
-        tell on the real batch when a batch-less output's dimension 0 happens to equal the
-        batch size (T5's (T, T, heads) relative position bias with T == B)."""
-        self._probe_dims = {}
-        try:
-            with torch.no_grad():
-                self.task.output(forward, split_batch(batch, size, slice(0, 1)))
-            return {name for name, dims in self._probe_dims.items() if dims != {1}}
-        finally:
-            self._probe_dims = None
 
     # ------------------------------------------------------------------ per-layer rules
     def _layer_gradients(self, layer: _Layer, call: _Call, size: int) -> dict[str, Tensor]:
@@ -404,6 +387,32 @@ def _per_example(t: Tensor, size: int) -> Tensor:
 
 def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, Tensor) else value
+
+
+def batchless_layers(
+    modules: dict[str, nn.Module], task: Task, forward: Forward, batch: Any
+) -> set[str]:
+    """Names of ``modules`` whose output has no batch dimension (T5's (T, T, heads) relative
+    position bias), found by a no-grad forward of ONE example, where every batch-first
+    output has dimension 0 equal to 1. Shapes on the real batch cannot tell when such an
+    output's dimension 0 happens to equal the batch size."""
+    dims: dict[str, set[int]] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            shape = output.shape if isinstance(output, Tensor) and output.ndim else (-1,)
+            dims.setdefault(name, set()).add(int(shape[0]))
+
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            task.output(forward, split_batch(batch, task.batch_size(batch), slice(0, 1)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name for name, seen in dims.items() if seen != {1}}
 
 
 def split_batch(batch: Any, size: int, rows: slice) -> Any:

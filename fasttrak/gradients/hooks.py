@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fasttrak.gradients.hook_engine import is_hf_conv1d, split_batch
+from fasttrak.gradients.hook_engine import batchless_layers, is_hf_conv1d
 from fasttrak.tasks.base import Task
 
 COVERED_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
@@ -176,13 +176,24 @@ class FactoredFeatures:
                     params[p] = params[p].requires_grad_(True)
         calls: dict[str, list[tuple[Tensor, Tensor]]] = {ly.name: [] for ly in self.layers}
         handles = []
-        probe: dict[str, set[int]] | None = {} if size > 1 and not self._probed else None
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, params, args, kwargs)
+
+        if size > 1 and not self._probed:
+            modules = {ly.name: self.model.get_submodule(ly.name) for ly in self.layers}
+            batchless = sorted(batchless_layers(modules, self.task, forward, batch))
+            if batchless:
+                raise ValueError(
+                    f"layers {batchless} compute one output for the whole batch (no batch "
+                    "dimension, e.g. T5's relative position bias); the factored projection "
+                    "needs per-example layer outputs: exclude their parameters with params= "
+                    "(e.g. '!*relative_attention_bias*'), or use projector='srht'"
+                )
+            self._probed = True
 
         def make_hook(layer_name: str):
-            def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-                if probe is not None:  # the one-example probe: record dimension 0 only
-                    probe.setdefault(layer_name, set()).add(output.shape[0] if output.ndim else -1)
-                    return None
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
                 inp = args[0].detach()
                 if output.ndim and output.shape[0] == 1 and inp.shape[0] == 1 and size > 1:
                     # A layer on a batch-less input (position ids (1, T)) whose output is
@@ -200,26 +211,6 @@ class FactoredFeatures:
             for layer in self.layers:
                 module = self.model.get_submodule(layer.name)
                 handles.append(module.register_forward_hook(make_hook(layer.name)))
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                return functional_call(self.model, params, args, kwargs)
-
-            if probe is not None:
-                # One example alone: a batch-first output has dimension 0 equal to 1. Shape
-                # alone cannot tell on the real batch when a batch-less output (T5's (T, T,
-                # heads) relative position bias) has dimension 0 equal to the batch size.
-                with torch.no_grad():
-                    self.task.output(forward, split_batch(batch, size, slice(0, 1)))
-                batchless = sorted(name for name, dims in probe.items() if dims != {1})
-                if batchless:
-                    raise ValueError(
-                        f"layers {batchless} compute one output for the whole batch (no batch "
-                        "dimension, e.g. T5's relative position bias); the factored projection "
-                        "needs per-example layer outputs: exclude their parameters with params= "
-                        "(e.g. '!*relative_attention_bias*'), or use projector='srht'"
-                    )
-                probe = None
-                self._probed = True
 
             with torch.enable_grad():
                 f = self.task.output(forward, batch)
