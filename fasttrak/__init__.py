@@ -10,12 +10,25 @@ from fasttrak import evaluate, projection, tasks
 from fasttrak.ensembles import DropoutMask, dropout_ensemble
 from fasttrak.errors import (
     CheckpointMismatchError,
+    ConfigError,
+    ConfigTypeError,
+    DataError,
+    DataMismatchError,
+    DataTypeError,
     FastTrakError,
+    MissingDependencyError,
     NonFiniteGradientError,
     NotFeaturizedError,
+    NumericalError,
+    ReadOnlyStoreError,
+    ScoresExistError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreError,
     StoreMismatchError,
 )
 from fasttrak.scoring import Scores, TopK, soft_threshold
+from fasttrak.store.api import load_scores, repair_store, verify_store
 from fasttrak.trak import TRAK
 
 __version__ = "0.1.0"
@@ -23,17 +36,32 @@ __version__ = "0.1.0"
 __all__ = [
     "TRAK",
     "CheckpointMismatchError",
+    "ConfigError",
+    "ConfigTypeError",
+    "DataError",
+    "DataMismatchError",
+    "DataTypeError",
     "FastTrakError",
+    "MissingDependencyError",
     "NonFiniteGradientError",
     "NotFeaturizedError",
+    "NumericalError",
+    "ReadOnlyStoreError",
     "Scores",
+    "ScoresExistError",
+    "StoreBusyError",
+    "StoreCorruptError",
+    "StoreError",
     "StoreMismatchError",
     "TopK",
     "DropoutMask",
     "dropout_ensemble",
     "evaluate",
+    "load_scores",
     "projection",
+    "repair_store",
     "soft_threshold",
     "tasks",
+    "verify_store",
     "__version__",
 ]

@@ -5,7 +5,7 @@ score(t, i) = mean_m(Q_m,i) · mean_m( φ_m(t)ᵀ K_m⁻¹ φ_m(i) )
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,11 @@ import torch
 import zarr
 from torch import Tensor
 
-from fasttrak.store import CheckpointStore
+from fasttrak.errors import ConfigError, DataError
+from fasttrak.store import CheckpointStore, ChunkRecord
+from fasttrak.store.core import sources_of
+from fasttrak.store.records import checksum, digest
+from fasttrak.store.saved import save_scores
 
 
 @dataclass(frozen=True)
@@ -36,23 +40,24 @@ class Scores:
 
     ``np.asarray(scores)`` gives the dense float32 matrix (cached once computed);
     ``scores.topk(k)`` streams over training rows without building it; ``scores.save(path)``
-    writes it to an on-disk zarr array block by block.
+    writes it to an on-disk zarr array block by block. Every block of stored features is
+    verified against its checksum when it is read (StoreCorruptError otherwise).
     """
 
     def __init__(
-        self, checkpoints: Sequence[CheckpointStore], solved: Sequence[Tensor], block_rows: int
+        self,
+        models: Sequence[tuple[CheckpointStore, dict[int, ChunkRecord]]],
+        solved: Sequence[Tensor],
     ) -> None:
-        if len(checkpoints) != len(solved) or not checkpoints:
-            raise ValueError("need one solved target block per checkpoint, and at least one")
-        self._checkpoints = list(checkpoints)
+        if len(models) != len(solved) or not models:
+            raise ConfigError("need one solved target block per model, and at least one")
+        self._models = list(models)
         self._solved = [x.float() for x in solved]  # each (k, n_targets)
-        self._block_rows = block_rows
         self._dense: np.ndarray | None = None
-        n = self._checkpoints[0].features.shape[0]
-        q = np.zeros(n, dtype=np.float64)
-        for ck in self._checkpoints:
-            q += ck.q[:].astype(np.float64)
-        self.q_mean = (q / len(self._checkpoints)).astype(np.float32)
+        q = np.zeros(self._models[0][0].num_rows, dtype=np.float64)
+        for ck, records in self._models:
+            q += ck.read_all("q", records).astype(np.float64)
+        self.q_mean = (q / len(self._models)).astype(np.float32)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -65,17 +70,24 @@ class Scores:
         n_targets, n_train = self.shape
         return f"Scores(n_targets={n_targets}, n_train={n_train}, models={len(self._solved)})"
 
-    def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
-        """Yield (train row slice, scores (n_targets, rows) float32) over the training set."""
-        n = self.shape[1]
-        for start in range(0, n, self._block_rows):
-            rows = slice(start, min(start + self._block_rows, n))
+    def blocks(self, skip: Set[int] = frozenset()) -> Iterator[tuple[slice, np.ndarray]]:
+        """Yield (train row slice, scores (n_targets, rows) float32) over the training set,
+        one store chunk at a time (chunks in ``skip`` are left out)."""
+        for _, rows, block in self._chunks(skip):
+            yield rows, block
+
+    def _chunks(self, skip: Set[int] = frozenset()) -> Iterator[tuple[int, slice, np.ndarray]]:
+        first = self._models[0][0]
+        for c in range(first.num_chunks):
+            if c in skip:
+                continue
+            rows = first.chunk_slice(c)
             total = torch.zeros((rows.stop - rows.start, self.shape[0]), dtype=torch.float64)
-            for ck, solved in zip(self._checkpoints, self._solved, strict=True):
-                phi = torch.from_numpy(np.asarray(ck.features[rows], dtype=np.float32))
+            for (ck, records), solved in zip(self._models, self._solved, strict=True):
+                phi = torch.from_numpy(ck.read("features", records[c]).astype(np.float32))
                 total += (phi @ solved).double()
             total *= torch.from_numpy(self.q_mean[rows]).double()[:, None] / len(self._solved)
-            yield rows, total.T.float().numpy()
+            yield c, rows, total.T.float().numpy()
 
     def numpy(self) -> np.ndarray:
         """The dense (n_targets, n_train) float32 matrix."""
@@ -93,8 +105,10 @@ class Scores:
     def topk(self, k: int) -> TopK:
         """The k highest (proponents) and k lowest (opponents) scores of every target."""
         n_targets, n = self.shape
-        if not 1 <= k <= n:
-            raise ValueError(f"k must be in [1, {n}] (the number of training examples), got {k}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise ConfigError(
+                f"k must be an integer in [1, {n}] (the number of training examples), got {k!r}"
+            )
         best_s = np.full((n_targets, 0), -np.inf, dtype=np.float32)
         best_i = np.zeros((n_targets, 0), dtype=np.int64)
         worst_s, worst_i = -best_s, best_i.copy()
@@ -108,17 +122,37 @@ class Scores:
             worst_s = -neg_s
         return TopK(best_i, best_s, worst_i, worst_s)
 
-    def save(self, path: str | Path) -> zarr.Array:
-        """Write the dense scores to a new zarr array at ``path`` without holding them in memory."""
-        array = zarr.create_array(
-            str(path),
-            shape=self.shape,
-            dtype="float32",
-            chunks=(self.shape[0], min(self._block_rows, self.shape[1])),
+    def identity(self) -> str:
+        """A digest of everything these scores are computed from: the store, the models'
+        weights and features, and the solved targets (names a save for resuming)."""
+        parts = [
+            [ck.store.store_id, ck.model_id, ck.fingerprint, sources_of(records)]
+            for ck, records in self._models
+        ]
+        solved = [checksum(x.numpy()) for x in self._solved]
+        return digest(parts, solved, checksum(self.q_mean), list(self.shape))
+
+    def save(self, path: str | Path, overwrite: bool = False) -> zarr.Array:
+        """Write the dense scores to a zarr array at ``path`` without holding them in memory.
+
+        Atomic: the array appears at ``path`` only once complete (it is written at
+        ``path.partial`` first); a killed save resumes where it stopped when called again;
+        saving the same scores again is a no-op; other finished scores at ``path`` are
+        replaced only with ``overwrite=True``. Read it back verified with
+        :func:`fasttrak.load_scores`."""
+
+        def blocks(skip: set[int]) -> Iterator[tuple[int, slice, np.ndarray]]:
+            return self._chunks(skip)
+
+        block = self._models[0][0].store.chunk_rows
+        return save_scores(
+            path,
+            self.shape,
+            min(block, self.shape[1]),
+            self.identity(),
+            blocks,
+            overwrite=overwrite,
         )
-        for rows, block in self.blocks():
-            array[:, rows] = block
-        return array
 
 
 def _keep_top(values: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,9 +174,9 @@ def soft_threshold(scores: np.ndarray, keep: float) -> np.ndarray:
     Returns a new float32 array of the same shape.
     """
     if not 0 < keep <= 1:
-        raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
+        raise ConfigError(f"keep must be a fraction in (0, 1], got {keep}")
     scores = np.asarray(scores, dtype=np.float32)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be (n_targets, n_train), got shape {scores.shape}")
+        raise DataError(f"scores must be (n_targets, n_train), got shape {scores.shape}")
     tau = np.quantile(np.abs(scores), 1 - keep, axis=1, keepdims=True) if keep < 1 else 0.0
     return (np.sign(scores) * np.maximum(np.abs(scores) - tau, 0)).astype(np.float32)

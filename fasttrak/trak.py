@@ -6,6 +6,9 @@ This is the only module that knows models, tasks, projections and the store toge
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +22,17 @@ from tqdm.auto import tqdm
 
 from fasttrak import kernel as kernel_ops
 from fasttrak.checkpoints import Checkpoint, fingerprint, load_state
-from fasttrak.data import Rows, as_rows, to_device
+from fasttrak.data import Rows, as_rows, chunk_fingerprint, to_device
 from fasttrak.ensembles import DropoutMask, fixed_dropout
-from fasttrak.errors import CheckpointMismatchError, NonFiniteGradientError, NotFeaturizedError
+from fasttrak.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    ConfigTypeError,
+    DataError,
+    FastTrakError,
+    NonFiniteGradientError,
+    NotFeaturizedError,
+)
 from fasttrak.gradients import (
     ENGINES,
     HookGradients,
@@ -33,7 +44,10 @@ from fasttrak.gradients import (
 from fasttrak.projection import Projector, ProjectorConfig, resolve_projector
 from fasttrak.projection.factored import Factored, FactoredProjector
 from fasttrak.scoring import Scores
-from fasttrak.store import FEATURE_DTYPES, CheckpointStore, Store
+from fasttrak.store import FEATURE_DTYPES, CheckpointStore, ChunkRecord, Store, complete_records
+from fasttrak.store.core import sources_of
+from fasttrak.store.files import held
+from fasttrak.store.verify import repair as repair_store
 from fasttrak.tasks import ImageClassification, Task
 from fasttrak.tasks.base import bind_task
 
@@ -56,7 +70,8 @@ class TRAK:
             ``"factored"`` (per-layer Kronecker, from layer hooks), ``"identity"`` (no
             projection, k = p), or a configured instance such as ``ft.projection.SJLT(s=4)``
             (see docs/projections.md; defaults chosen in docs/lds_vs_cost.md).
-        store: a directory for the zarr store (resumable), or None to keep it in memory.
+        store: a directory for the zarr store (resumable, checksummed, safe for many
+            processes at once; see docs/store.md), or None to keep it in memory.
         device: where gradients and projections are computed.
         seed: seed of the random projection (features are a pure function of it).
         params: which parameters are differentiated: None (all trainable), names or globs,
@@ -110,25 +125,42 @@ class TRAK:
         progress: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(task, type):
-            raise TypeError(f"task={task.__name__} is a class; pass an instance: {task.__name__}()")
+            raise ConfigTypeError(
+                f"task={task.__name__} is a class; pass an instance: {task.__name__}()"
+            )
         if feature_dtype not in FEATURE_DTYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}"
             )
-        if batch_size < 1 or proj_dim < 1:
-            raise ValueError("batch_size and proj_dim must be positive")
+        proj_dim = _positive_int("proj_dim", proj_dim)
+        batch_size = _positive_int("batch_size", batch_size)
+        if chunk_rows is not None:
+            chunk_rows = _positive_int("chunk_rows", chunk_rows)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ConfigTypeError(f"seed must be an integer, got {seed!r}")
+        seed = int(seed)
         self.model = model
         self.task: Task = task if task is not None else ImageClassification()
         self.device = torch.device(device)
         self.seed = seed
         self.batch_size = batch_size
         if kernel not in kernel_ops.WEIGHTINGS:
-            raise ValueError(f"kernel must be one of {kernel_ops.WEIGHTINGS}, got {kernel!r}")
-        if ridge < 0:
-            raise ValueError(f"ridge must be >= 0 (a fraction of the kernel's scale), got {ridge}")
-        self.ridge = ridge
+            raise ConfigError(f"kernel must be one of {kernel_ops.WEIGHTINGS}, got {kernel!r}")
+        if precision not in ("float32", "float64"):
+            raise ConfigError(f"precision must be 'float32' or 'float64', got {precision!r}")
+        if (
+            isinstance(ridge, bool)
+            or not isinstance(ridge, (int, float, np.integer, np.floating))
+            or not math.isfinite(ridge)
+            or ridge < 0
+        ):
+            raise ConfigError(
+                f"ridge must be a finite number >= 0 (a fraction of the kernel's scale), "
+                f"got {ridge!r}"
+            )
+        self.ridge = float(ridge)
         self.precision = precision
         self.kernel = kernel
         self.progress = progress
@@ -151,6 +183,7 @@ class TRAK:
             projector_spec = self.projector_config.spec(self.k)
         if kernel_blocks is None:
             kernel_blocks = DEFAULT_KERNEL_BLOCKS if self.k >= 1024 else 1
+        kernel_blocks = _positive_int("kernel_blocks", kernel_blocks)
         self.kernel_blocks = kernel_blocks
         kernel_ops.block_slices(self.k, kernel_blocks)  # raises for a bad number of blocks
         meta = {
@@ -161,15 +194,14 @@ class TRAK:
             "params": {name: list(named[name].shape) for name in self.selected},
             "feature_dtype": feature_dtype,
         }
-        existing = Store.open(store, meta) if store is not None and _has_store(store) else None
-        rows = chunk_rows if chunk_rows is not None else (existing.chunk_rows if existing else 512)
-        self.store = Store.open(store, {**meta, "chunk_rows": rows})
         if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+            raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.store = Store.open(store, meta, chunk_rows=chunk_rows)
         self.engine = "hooks" if engine == "auto" else engine
         self.vmap_chunk_size = vmap_chunk_size
-        self._members: list[_Member] = []
+        self._members: dict[int, _Member] = {}  # by model id, from the last featurize
         self._projector_of: tuple[int, Projector] | None = None  # only the current model's
+        self._factors: dict[tuple[int, str, str], np.ndarray] = {}  # when the store is read-only
 
     # ------------------------------------------------------------------ featurize
     def featurize(
@@ -178,39 +210,121 @@ class TRAK:
         checkpoints: Sequence[Checkpoint | DropoutMask] | None = None,
         batch_size: int | None = None,
         overwrite: bool = False,
+        model_ids: Sequence[int] | None = None,
+        repair: bool = False,
+        check_data: str = "auto",
     ) -> None:
         """Compute and store features Φ_m and Q_m of every training example for each checkpoint.
 
-        Resumable: chunks already finished in the store are skipped. A checkpoint index that
-        was featurized from other weights is an error unless ``overwrite=True``.
+        Resumable: chunks already finished in the store are skipped. Safe to run in many
+        processes at once on one store: each claims the chunks it computes (see
+        docs/store.md). A model id that was featurized from other weights is an error
+        unless ``overwrite=True``.
+
+        Args:
+            model_ids: the model id each checkpoint is stored under (default 0, 1, ...):
+                one job per model, in any order, e.g. ``model_ids=[7]``.
+            repair: first verify this run's models in the store and recompute whatever is
+                damaged (see :func:`fasttrak.verify_store`).
+            check_data: how the training rows are checked against those the store was
+                featurized with. ``"auto"`` (default): every chunk when this call computes
+                anything (chunks it computes are checked for free, the others by a pass
+                over the data without the model), else the first and last chunk;
+                ``"full"``: every chunk always; ``"sample"``: chunks it computes, plus the
+                first and last chunk.
         """
+        if check_data not in CHECK_DATA:
+            raise ConfigError(f"check_data must be one of {CHECK_DATA}, got {check_data!r}")
         rows = as_rows(train_set, batch_size or self.batch_size)
         n = len(rows)
         if n == 0:
-            raise ValueError("the training set is empty; pass a dataset with at least one example")
+            raise DataError("the training set is empty; pass a dataset with at least one example")
         members = self._load_members(checkpoints)
+        ids = _model_ids(model_ids, len(members))
         self._check_first_batch(rows, members[0].state)
         self.store.set_num_train(n)  # records n, or raises StoreMismatchError for another n
-        for m, member in enumerate(members):
-            ck = self.store.open_checkpoint(m, member.fingerprint, overwrite)
-            pending = ck.pending_chunks()
-            if not pending:
-                continue
-            total = sum(ck.chunk_slice(c).stop - ck.chunk_slice(c).start for c in pending)
-            bar = tqdm(
-                total=total,
-                desc=f"featurize model {m + 1}/{len(members)}",
-                unit="ex",
-                disable=not self.progress,
-                leave=False,
-            )
-            with bar, self._eval_mode(), fixed_dropout(self.model, member.mask, self.seed):
-                device_state = self._to_device(member.state)
-                task = self._bind(device_state)
-                for c in pending:
-                    phi, q = self._features(rows, ck.chunk_slice(c), device_state, m, task, bar)
-                    ck.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy())
-        self._members = members
+        if repair:
+            report = repair_store(self.store, models=ids)
+            if report.problems:
+                warnings.warn(f"repaired before featurizing:\n{report}", stacklevel=2)
+        self._check_done_rows(rows, ids, members, overwrite, check_data)
+        for m, member in zip(ids, members, strict=True):
+            with self.store.writing(m, member.fingerprint, overwrite) as ck:
+                pending = ck.pending_chunks()
+                if pending:
+                    self._featurize_model(rows, ck, member, pending)
+        self._members.update(zip(ids, members, strict=True))
+
+    def _featurize_model(
+        self, rows: Rows, ck: CheckpointStore, member: _Member, pending: list[int]
+    ) -> None:
+        """Compute every pending chunk of one model: first those no other process has
+        claimed, then (waiting for their claims) those another process was computing."""
+        m = ck.model_id
+        size = sum(ck.chunk_slice(c).stop - ck.chunk_slice(c).start for c in pending)
+        bar = tqdm(
+            total=size,
+            desc=f"featurize model {m}",
+            unit="ex",
+            disable=not self.progress,
+            leave=False,
+        )
+        with bar, self._eval_mode(), fixed_dropout(self.model, member.mask, self.seed):
+            device_state = self._to_device(member.state)
+            task = self._bind(device_state)
+            waiting = []
+            for c in pending:
+                claim = ck.claim(c, wait=False)
+                if claim is None:  # another process is computing it
+                    waiting.append(c)
+                    continue
+                with held(claim):
+                    self._featurize_chunk(rows, ck, c, device_state, task, bar)
+            for c in waiting:
+                with held(ck.claim(c, wait=True)):
+                    self._featurize_chunk(rows, ck, c, device_state, task, bar)
+
+    def _featurize_chunk(
+        self,
+        rows: Rows,
+        ck: CheckpointStore,
+        c: int,
+        state: dict[str, Tensor],
+        task: Task,
+        bar: Any,
+    ) -> None:
+        """Compute and write chunk c (the caller holds its claim), unless it is done."""
+        chunk = ck.chunk_slice(c)
+        if ck.done(c) is not None:  # finished by another process meanwhile
+            bar.update(chunk.stop - chunk.start)
+            return
+        phi, q, hashes = self._features(rows, chunk, state, ck.model_id, task, bar)
+        ck.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy(), chunk_fingerprint(hashes))
+
+    def _check_done_rows(
+        self,
+        rows: Rows,
+        ids: list[int],
+        members: list[_Member],
+        overwrite: bool,
+        check_data: str,
+    ) -> None:
+        """Check the training rows of chunks this call will not compute against the store's
+        record of them (DataMismatchError naming the first chunk that differs)."""
+        recorded = [c for c in range(self.store.num_chunks) if self.store.rows_fingerprint(c)]
+        if not recorded:
+            return
+        computed: set[int] = set()
+        for m in ids:
+            if overwrite or m not in self.store.checkpoint_ids():
+                computed.update(range(self.store.num_chunks))
+            else:
+                computed.update(self.store.checkpoint(m).pending_chunks())
+        others = [c for c in recorded if c not in computed]
+        if check_data == "sample" or (check_data == "auto" and not computed):
+            others = sorted({c for c in (recorded[0], recorded[-1]) if c in others})
+        for c in others:
+            self.store.check_rows(c, chunk_fingerprint(rows.hashes(self.store.chunk_slice(c))))
 
     def _features(
         self,
@@ -220,9 +334,9 @@ class TRAK:
         m: int,
         task: Task,
         bar: Any = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Features (rows, k) and Q (rows,) of one row range for checkpoint m, whose
-        weights are ``state`` and whose (bound) task is ``task``.
+    ) -> tuple[Tensor, Tensor, np.ndarray]:
+        """Features (rows, k), Q (rows,) and per-row data hashes (rows,) of one row range
+        for model m, whose weights are ``state`` and whose (bound) task is ``task``.
 
         Gradients are projected per batch when the projection is cached, or gathered into
         groups of ``projector.group_rows`` rows when it is generated block by block.
@@ -231,9 +345,11 @@ class TRAK:
         engine = self._gradient_engine(task)
         feats: list[Tensor] = []
         qs: list[Tensor] = []
+        hashes: list[np.ndarray] = []
         group: list[list[Tensor]] = []  # per batch: per-parameter gradient blocks (B, p_i)
         group_start, group_size = chunk.start, 0
-        for where, batch in rows.batches(chunk):
+        for where, batch, batch_hashes in rows.batches(chunk, with_hashes=True):
+            hashes.append(batch_hashes)
             batch = to_device(batch, self.device)
             task.check_batch(batch)
             with torch.no_grad():
@@ -254,7 +370,7 @@ class TRAK:
                 bar.update(where.stop - where.start)
         if group:
             feats.append(self._project(projector, group, group_start, m))
-        return torch.cat(feats), torch.cat(qs)
+        return torch.cat(feats), torch.cat(qs), np.concatenate(hashes)
 
     def _project(
         self, projector: Projector, group: list[list[Tensor]], start: int, m: int
@@ -288,59 +404,76 @@ class TRAK:
             )
 
     # ------------------------------------------------------------------ finalize
-    def finalize(self) -> None:
-        """Build (or load) the kernel factor of every checkpoint in the store."""
-        for m in self._complete_checkpoints():
-            self._factor(m)
+    def finalize(self, models: Sequence[int] | None = None) -> None:
+        """Build (or load) the kernel factor of every model in the store (or of ``models``)."""
+        ids = self._stored_ids(models)
+        for m in ids:
+            ck = self.store.checkpoint(m)
+            self._factor(ck, complete_records(ck))
 
-    def _factor(self, m: int) -> np.ndarray:
-        """Per-block Cholesky factors (B, m, m) of checkpoint m's kernel, cached in the store
-        (an old-layout or other-settings factor is rebuilt from the stored gram)."""
-        ck = self.store.checkpoint(m)
-        assert ck is not None
-        key = {
+    def _kernel_settings(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What keys the cached gram and factor: they are rebuilt when any of it changes."""
+        gram = {"kernel": self.kernel, "precision": self.precision}
+        factor = {
+            **gram,
             "ridge": self.ridge,
             "relative_to": "trace/min(n,k)",
-            "kernel": self.kernel,
             "blocks": self.kernel_blocks,
         }
-        factor = ck.read_factor(key)
-        if factor is None:
-            name = "gram" if self.kernel == "plain" else "gram_gauss_newton"
-            gram = ck.read_gram(name)
-            if gram is None:
-                gram = kernel_ops.gram(self._kernel_rows(ck), self.k, self.precision)
-                ck.write_gram(gram, name)
-            n = ck.features.shape[0]
-            factor = kernel_ops.block_diagonal_factor(gram, self.ridge, n, self.kernel_blocks)
-            ck.write_factor(factor, key)
+        return gram, factor
+
+    def _factor(self, ck: CheckpointStore, records: dict[int, ChunkRecord]) -> np.ndarray:
+        """Per-block Cholesky factors (B, s, s) of model m's kernel, built from these chunks,
+        cached in the store (or in memory, for a read-only store)."""
+        gram_settings, factor_settings = self._kernel_settings()
+        memory_key = (ck.model_id, sources_of(records), str(sorted(factor_settings.items())))
+        if memory_key in self._factors:
+            return self._factors[memory_key]
+        factor = ck.read_kernel("factor", factor_settings, records)
+        if factor is not None:
+            return factor
+        gram = ck.read_kernel("gram", gram_settings, records)
+        if gram is None:
+            gram = kernel_ops.gram(self._kernel_rows(ck, records), self.k, self.precision)
+            if self.store.writable:
+                rows = max(1, min(self.k, 2**21 // self.k))  # chunks of <= 16 MiB
+                ck.write_kernel("gram", gram_settings, records, gram, (rows, self.k))
+        factor = kernel_ops.block_diagonal_factor(gram, self.ridge, ck.num_rows, self.kernel_blocks)
+        if self.store.writable:
+            ck.write_kernel("factor", factor_settings, records, factor, (1, *factor.shape[1:]))
+        else:
+            self._factors[memory_key] = factor
         return factor
 
-    def _kernel_rows(self, ck: CheckpointStore) -> Iterator[np.ndarray]:
-        """Row blocks of Φ, or of R^½ Φ for the Gauss-Newton kernel."""
+    def _kernel_rows(
+        self, ck: CheckpointStore, records: dict[int, ChunkRecord]
+    ) -> Iterator[np.ndarray]:
+        """Verified row blocks of Φ, or of R^½ Φ for the Gauss-Newton kernel."""
+        weights = None
+        if self.kernel == "gauss_newton":
+            weights = np.sqrt(kernel_ops.gauss_newton_weights(ck.read_all("q", records)))
         for c in range(ck.num_chunks):
-            rows = ck.chunk_slice(c)
-            block = np.asarray(ck.features[rows], dtype=np.float32)
-            if self.kernel == "gauss_newton":
-                weights = kernel_ops.gauss_newton_weights(ck.q[rows])
-                block = block * np.sqrt(weights).astype(np.float32)[:, None]
+            block = np.asarray(ck.read("features", records[c]), dtype=np.float32)
+            if weights is not None:
+                rows = ck.chunk_slice(c)
+                block = block * weights[rows].astype(np.float32)[:, None]
             yield block
 
-    def _complete_checkpoints(self) -> list[int]:
-        ids = self.store.checkpoint_ids()
-        if not ids:
+    def _stored_ids(self, models: Sequence[int] | None) -> list[int]:
+        """The requested model ids (default: all stored), each stored."""
+        stored = self.store.checkpoint_ids()
+        if not stored:
             raise NotFeaturizedError(
                 "nothing is featurized yet: call trak.featurize(train_set, checkpoints=[...]) first"
             )
-        for m in ids:
-            ck = self.store.checkpoint(m)
-            assert ck is not None
-            left = len(ck.pending_chunks())
-            if left:
-                raise NotFeaturizedError(
-                    f"model {m} has {left} unfinished chunk(s) of training features; rerun "
-                    "trak.featurize(...) with the same data and checkpoints to finish them"
-                )
+        if models is None:
+            return stored
+        ids = [operator.index(m) for m in models]
+        unknown = sorted(set(ids) - set(stored))
+        if unknown or not ids or len(set(ids)) != len(ids):
+            raise ConfigError(
+                f"models= must list distinct stored model ids {stored}; got {list(models)}"
+            )
         return ids
 
     # ------------------------------------------------------------------ score
@@ -353,56 +486,55 @@ class TRAK:
     ) -> Scores:
         """Scores of every training example for each target: ``(n_targets, n_train)``.
 
-        Uses the checkpoints of the last :meth:`featurize` call, or ``checkpoints`` (which
-        must be the ones the store was featurized with, in the same order). ``models``
-        restricts the ensemble to some stored model indices (e.g. ``range(5)`` of 20, to see
-        how LDS grows with the number of models); ``checkpoints`` then lists just those.
+        Uses every model in the store (or the model ids in ``models``, e.g. ``range(5)`` of
+        20, to see how LDS grows with the number of models), each of which must be fully
+        featurized. Their checkpoints are those of the last :meth:`featurize` call, or
+        ``checkpoints``: one per model id, in the order of the ids.
         """
-        stored = self._complete_checkpoints()
-        ids = stored if models is None else [int(m) for m in models]
-        unknown = sorted(set(ids) - set(stored))
-        if unknown or not ids or len(set(ids)) != len(ids):
-            raise ValueError(
-                f"models= must list distinct stored model indices {stored}; got {list(ids)}"
-            )
+        ids = self._stored_ids(models)
+        cks = [self.store.checkpoint(m) for m in ids]
+        records = [complete_records(ck) for ck in cks]
         if checkpoints is not None:
             members = self._load_members(checkpoints)
-        elif self._members:
-            members = self._members if models is None else [self._members[m] for m in ids]
+            if len(members) != len(ids):
+                raise ConfigError(
+                    f"the store holds features of {len(ids)} models {ids} but {len(members)} "
+                    "checkpoints were given; pass one per model id, in the order of the ids"
+                )
+        elif all(m in self._members for m in ids):
+            members = [self._members[m] for m in ids]
         else:
             raise NotFeaturizedError(
-                "this TRAK object has not featurized anything: pass checkpoints= to score on an "
-                "existing store, or call featurize first"
+                f"this TRAK object has no checkpoints for models {ids}: pass checkpoints= "
+                "(one per model id, in order) to score on an existing store"
             )
-        if len(members) != len(ids):
-            raise ValueError(
-                f"the store holds features of {len(ids)} models but {len(members)} checkpoints "
-                "were given; pass all of them, in the order they were featurized"
-            )
-        for m, member in zip(ids, members, strict=True):
-            ck = self.store.checkpoint(m)
-            assert ck is not None
+        for ck, member in zip(cks, members, strict=True):
             if ck.fingerprint != member.fingerprint:
                 raise CheckpointMismatchError(
-                    f"checkpoint {m} differs from the one whose training features are stored; "
-                    "pass the same checkpoints, in the same order, as to featurize"
+                    f"checkpoint of model {ck.model_id} differs from the one whose training "
+                    "features are stored; pass the same checkpoints, in the same order, as to "
+                    "featurize"
                 )
         target_rows = as_rows(targets, batch_size or self.batch_size)
         if len(target_rows) == 0:
-            raise ValueError("the target set is empty; pass at least one target example")
+            raise DataError("the target set is empty; pass at least one target example")
         self._check_first_batch(target_rows, members[0].state)
         solved = []
         with self._eval_mode():
-            for m, member in zip(ids, members, strict=True):
+            for ck, done, member in zip(cks, records, members, strict=True):
                 with fixed_dropout(self.model, member.mask, self.seed):
                     state = self._to_device(member.state)
-                    phi, _ = self._features(
-                        target_rows, slice(0, len(target_rows)), state, m, self._bind(state)
+                    phi, _, _ = self._features(
+                        target_rows,
+                        slice(0, len(target_rows)),
+                        state,
+                        ck.model_id,
+                        self._bind(state),
                     )
                 # Mean over the kernel's blocks: Σ_b Φ_b K_bb⁻¹ φ_b / B.
-                solved.append(kernel_ops.solve(self._factor(m), phi.cpu().T) / self.kernel_blocks)
-        cks = [self.store.checkpoint(m) for m in ids]
-        return Scores(cks, solved, block_rows=self.store.chunk_rows)  # type: ignore[arg-type]
+                factor = self._factor(ck, done)
+                solved.append(kernel_ops.solve(factor, phi.cpu().T) / self.kernel_blocks)
+        return Scores(list(zip(cks, records, strict=True)), solved)
 
     # ------------------------------------------------------------------ helpers
     def _projector(self, m: int) -> Projector:
@@ -427,9 +559,11 @@ class TRAK:
         if checkpoints is None:
             checkpoints = [None]  # type: ignore[list-item]
         elif isinstance(checkpoints, (str, Path, dict, DropoutMask)):
-            raise TypeError("checkpoints= takes a list of checkpoints; wrap a single one: [ckpt]")
+            raise ConfigTypeError(
+                "checkpoints= takes a list of checkpoints; wrap a single one: [ckpt]"
+            )
         if len(checkpoints) == 0:
-            raise ValueError("checkpoints= is empty; pass at least one state dict or path")
+            raise ConfigError("checkpoints= is empty; pass at least one state dict or path")
         members = []
         for checkpoint in checkpoints:
             mask = checkpoint.mask if isinstance(checkpoint, DropoutMask) else None
@@ -461,7 +595,18 @@ class TRAK:
             forward = self._forward(self._to_device(state))
             task = bind_task(self.task, forward, self.device)
             task.check_batch(batch)
-            task.out_to_loss(forward, batch)
+            try:
+                task.out_to_loss(forward, batch)
+            except FastTrakError:
+                raise
+            except (RuntimeError, TypeError, IndexError) as error:
+                raise DataError(
+                    f"the model cannot run on the first batch of the data: {error}. The batch "
+                    f"holds {_describe(batch)}; the model's floating parameters are "
+                    f"{_float_dtypes(state)}. Check that the inputs have the shape and dtype "
+                    "the model expects (e.g. float16 inputs for a float16 model, or run the "
+                    "model in float32: model.float(), which fasttrak recommends for gradients)"
+                ) from error
             if self.engine == "hooks" or isinstance(self.projector_config, Factored):
                 check_examples_independent(task, forward, batch)
 
@@ -496,5 +641,46 @@ class _Member:
     fingerprint: str
 
 
-def _has_store(location: str | Path) -> bool:
-    return (Path(location) / "zarr.json").exists()
+CHECK_DATA = ("auto", "full", "sample")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an int if it is a positive integer (not a bool or a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigTypeError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _model_ids(model_ids: Sequence[int] | None, count: int) -> list[int]:
+    """The model id of each checkpoint: ``model_ids`` checked, or 0, 1, ..."""
+    if model_ids is None:
+        return list(range(count))
+    if isinstance(model_ids, (int, np.integer)):
+        raise ConfigTypeError("model_ids= takes a list of ids, one per checkpoint: [7]")
+    ids = list(model_ids)
+    if any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0 for m in ids):
+        raise ConfigError(f"model_ids must be non-negative integers, got {ids}")
+    if len(ids) != count or len(set(ids)) != len(ids):
+        raise ConfigError(f"model_ids= needs one distinct id per checkpoint ({count}), got {ids}")
+    return [int(m) for m in ids]
+
+
+def _describe(batch: Any) -> str:
+    """Shapes and dtypes of a batch's tensors, for error messages."""
+    parts: list[str] = []
+    leaves, _ = torch.utils._pytree.tree_flatten(batch)
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            parts.append(f"{tuple(leaf.shape)} {str(leaf.dtype).replace('torch.', '')}")
+        else:
+            parts.append(type(leaf).__name__)
+    return ", ".join(parts) or "nothing"
+
+
+def _float_dtypes(state: dict[str, Tensor]) -> str:
+    dtypes = sorted(
+        {str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()}
+    )
+    return ", ".join(sorted(dtypes)) or "none"

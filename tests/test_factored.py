@@ -326,4 +326,4 @@ def test_trak_factored_reports_excluded_parameters():
     assert "bn.weight" not in trak.selected
     x, y = torch.randn(10, 1, 6, 6), torch.randint(0, 3, (10,))
     trak.featurize((x, y))
-    assert trak.store.checkpoint(0).features.shape == (10, trak.k)
+    assert trak.store.checkpoint(0).features().shape == (10, trak.k)

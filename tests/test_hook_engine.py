@@ -466,7 +466,7 @@ def test_lora_only_differentiates_the_adapters():
     trak.featurize(data)
     batch = {"input_ids": ids, "attention_mask": mask}
     expected = loop_hf(model, task, batch, LENGTHS, names, ("input_ids", "attention_mask"))
-    stored = torch.from_numpy(trak.store.checkpoint(0).features[:])
+    stored = torch.from_numpy(trak.store.checkpoint(0).features())
     torch.testing.assert_close(stored, expected, rtol=1e-3, atol=1e-5)
 
 
@@ -523,7 +523,7 @@ def test_batch_encoding_batches_are_plain_dicts():
     loader = DataLoader(items, batch_size=2, shuffle=False, collate_fn=collate)
     trak = ft.TRAK(model, task=task, proj_dim=16, projector="dense", progress=False)
     trak.featurize(loader)
-    assert trak.store.checkpoint(0).features.shape == (len(LENGTHS), 16)
+    assert trak.store.checkpoint(0).features().shape == (len(LENGTHS), 16)
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,16 @@
 """The block-diagonal kernel kept and solved per block: the same numbers as one (k, k)
-block-diagonal factor, B times less stored, and old-layout stores never give wrong answers."""
+block-diagonal factor, B times less stored."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-import zarr
 from conftest import make_data, make_mlp
 
 import fasttrak as ft
 from fasttrak import kernel
+from fasttrak.store import complete_records
 
 
 def old_full_factor(gram, ridge, n, blocks):
@@ -77,37 +77,9 @@ def test_stored_factor_is_per_block(tmp_path):
     trak = ft.TRAK(make_mlp(), proj_dim=30, store=tmp_path, kernel_blocks=4, progress=False)
     trak.featurize((x, y))
     trak.finalize()
-    array = zarr.open_group(str(tmp_path), mode="r")["checkpoints/0/factor"]
-    assert array.shape == (4, 8, 8)  # 30 = 8 + 7 + 7 + 8 coordinates: 256 entries, not 900
-    assert dict(array.attrs)["layout"] == "blocks"
-
-
-@pytest.mark.parametrize("blocks", [1, 3])
-def test_an_old_layout_factor_is_rebuilt_not_used(tmp_path, blocks):
-    """A store written before per-block factors holds one (k, k) factor whose attrs lack the
-    layout. Even a corrupt one with matching ridge settings must never reach the scores."""
-    x, y = make_data(40)
-    model = make_mlp()
-
-    def make():
-        return ft.TRAK(model, proj_dim=16, store=tmp_path, kernel_blocks=blocks, progress=False)
-
-    trak = make()
-    trak.featurize((x, y), checkpoints=[model.state_dict()])
-    expected = np.asarray(trak.score((x[:3], y[:3])))
-    group = zarr.open_group(str(tmp_path), mode="a")["checkpoints/0"]
-    key = dict(group["factor"].attrs)["ridge"]
-    gram = group["gram_gauss_newton"][:]
-    for old in (old_full_factor(gram, trak.ridge, 40, blocks), np.full((16, 16), 7.0)):
-        array = group.create_array(
-            "factor", shape=(16, 16), dtype="float64", compressors=None, overwrite=True
-        )
-        array[:] = old
-        array.attrs["ridge"] = key  # the old layout's attrs: ridge settings only
-        again = np.asarray(make().score((x[:3], y[:3]), checkpoints=[model.state_dict()]))
-        np.testing.assert_allclose(again, expected, rtol=1e-6, atol=1e-7)
-        rebuilt = zarr.open_group(str(tmp_path), mode="r")["checkpoints/0/factor"]
-        assert rebuilt.shape[0] == blocks and rebuilt.ndim == 3
+    ck = trak.store.checkpoint(0)
+    factor = ck.read_kernel("factor", trak._kernel_settings()[1], complete_records(ck))
+    assert factor.shape == (4, 8, 8)  # 30 = 8 + 7 + 7 + 8 coordinates: 256 entries, not 900
 
 
 def test_changing_the_number_of_blocks_reuses_the_gram(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def test_text_classification_lora_features_are_exact_adapter_gradients():
     task = ft.tasks.TextClassification()
     exact = ft.TRAK(model, task, projector="identity", params="lora", progress=False)
     exact.featurize(rows)
-    features = torch.from_numpy(exact.store.checkpoint(0).features[:])
+    features = torch.from_numpy(exact.store.checkpoint(0).features())
     params = dict(model.named_parameters())
     for i, seq in enumerate(seqs):
         alone = {"input_ids": seq[None], "labels": batch["labels"][i : i + 1]}

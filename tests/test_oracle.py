@@ -8,6 +8,7 @@ import torch
 from conftest import loop_gradients, make_data, make_mlp
 
 import fasttrak as ft
+from fasttrak.store import complete_records
 from fasttrak.gradients import select_parameters
 
 
@@ -55,8 +56,9 @@ def test_scores_equal_float64_closed_form(num_models):
 
     # The stored features and kernel of the last model are the exact ones too.
     ck = trak.store.checkpoint(num_models - 1)
-    np.testing.assert_allclose(ck.features[:], phi_last, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ck.read_gram(), phi_last.T @ phi_last, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ck.features(), phi_last, rtol=1e-5, atol=1e-6)
+    gram = ck.read_kernel("gram", trak._kernel_settings()[0], complete_records(ck))
+    np.testing.assert_allclose(gram, phi_last.T @ phi_last, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_ridge_on_a_singular_kernel_says_to_raise_it():
@@ -149,7 +151,8 @@ def test_kernel_options_share_one_store(tmp_path):
     )
     b = np.asarray(other.score((x[:3], y[:3]), checkpoints=[model.state_dict()]))
     assert not np.allclose(a, b)
-    assert other.store.checkpoint(0).read_gram("gram_gauss_newton") is not None
+    ck = other.store.checkpoint(0)
+    assert ck.read_kernel("gram", other._kernel_settings()[0], complete_records(ck)) is not None
     again = ft.TRAK(model, proj_dim=16, store=tmp_path, progress=False)
     np.testing.assert_allclose(np.asarray(again.score((x[:3], y[:3]), checkpoints=[model])), a)
 
@@ -159,7 +162,7 @@ def test_bad_kernel_options():
 
     with pytest.raises(ValueError, match="kernel must be one of"):
         ft.TRAK(make_mlp(), kernel="hessian")
-    with pytest.raises(ValueError, match="ridge must be >= 0"):
+    with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
         ft.TRAK(make_mlp(), ridge=-1.0)
     with pytest.raises(ValueError, match="kernel='plain'"):
         gauss_newton_weights(np.array([0.2, 1.5]))
@@ -195,5 +198,5 @@ def test_scoring_a_subset_of_the_stored_models():
     np.testing.assert_allclose(subset, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
     by_checkpoints = trak.score((xt, yt), checkpoints=[models[0], models[2]], models=[0, 2])
     np.testing.assert_allclose(np.asarray(by_checkpoints), subset)
-    with pytest.raises(ValueError, match="distinct stored model indices"):
+    with pytest.raises(ValueError, match="distinct stored model ids"):
         trak.score((xt, yt), models=[0, 5])

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 from conftest import make_data, make_mlp
 from resume_child import CHUNK_ROWS, N, SlowData, make_model, make_trak
 
@@ -20,10 +19,8 @@ HERE = Path(__file__).parent
 
 
 def done_chunks(store: Path) -> int:
-    try:
-        return int(zarr.open_group(str(store), mode="r")["checkpoints/0/done"][:].sum())
-    except (KeyError, FileNotFoundError, ValueError):
-        return 0
+    done = store / "records" / "checkpoints" / "0" / "done"
+    return len(list(done.glob("*.json"))) if done.exists() else 0
 
 
 def test_killed_featurize_resumes_to_an_identical_store(tmp_path):
@@ -40,24 +37,30 @@ def test_killed_featurize_resumes_to_an_identical_store(tmp_path):
     total_chunks = N // CHUNK_ROWS
     assert 3 <= finished_before < total_chunks, "the child must die in the middle of the run"
 
+    marks = sorted((killed / "records" / "checkpoints" / "0" / "done").glob("*.json"))
+    before = {mark.name: mark.stat().st_mtime_ns for mark in marks}
     data = SlowData()
     make_trak(str(killed)).featurize(data, checkpoints=[make_model().state_dict()])
-    # Only unfinished chunks were recomputed (plus the 2-row format check on row 0 and 1).
-    assert len(data.loaded) == N - finished_before * CHUNK_ROWS + 2
+    # Every row is read once: finished chunks to check they are the same rows (no model
+    # run), the others to compute them; plus the 2-row format check.
+    assert sorted(data.loaded) == sorted([*range(N), 0, 1])
+    # Finished chunks were not recomputed: their done marks are the same files.
+    for mark in marks:
+        assert mark.stat().st_mtime_ns == before[mark.name]
     make_trak(str(fresh)).featurize(SlowData(), checkpoints=[make_model().state_dict()])
 
-    a = zarr.open_group(str(killed), mode="r")["checkpoints/0"]
-    b = zarr.open_group(str(fresh), mode="r")["checkpoints/0"]
-    np.testing.assert_array_equal(a["features"][:], b["features"][:])
-    np.testing.assert_array_equal(a["q"][:], b["q"][:])
-    assert a["done"][:].all() and b["done"][:].all()
+    a = make_trak(str(killed)).store.checkpoint(0)
+    b = make_trak(str(fresh)).store.checkpoint(0)
+    np.testing.assert_array_equal(a.features(), b.features())
+    np.testing.assert_array_equal(a.q(), b.q())
 
 
 def test_a_finished_store_is_not_recomputed(tmp_path):
     make_trak(str(tmp_path)).featurize(SlowData(), checkpoints=[make_model().state_dict()])
     data = SlowData()
     make_trak(str(tmp_path)).featurize(data, checkpoints=[make_model().state_dict()])
-    assert len(data.loaded) == 2  # only the format check
+    # The 2-row format check, and the first and last chunk to check they are the same rows.
+    assert sorted(data.loaded) == sorted([0, 1, *range(CHUNK_ROWS), *range(N - CHUNK_ROWS, N)])
 
 
 def test_score_on_a_reopened_store_with_checkpoints(tmp_path):
@@ -101,11 +104,11 @@ def test_another_training_set_size_is_an_error_and_keeps_the_store(tmp_path):
     x, y = make_data(20)
     model = make_mlp()
     ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False).featurize((x, y))
-    before = zarr.open_group(str(tmp_path), mode="r")["checkpoints/0/features"][:]
+    trak = ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False)
+    before = trak.store.checkpoint(0).features()
     with pytest.raises(ft.StoreMismatchError, match="20 examples"):
-        ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False).featurize((x[:10], y[:10]))
-    after = zarr.open_group(str(tmp_path), mode="r")["checkpoints/0/features"][:]
-    np.testing.assert_array_equal(before, after)
+        trak.featurize((x[:10], y[:10]))
+    np.testing.assert_array_equal(trak.store.checkpoint(0).features(), before)
 
 
 def test_other_weights_at_a_stored_index_need_overwrite(tmp_path):
@@ -113,12 +116,12 @@ def test_other_weights_at_a_stored_index_need_overwrite(tmp_path):
     model, other = make_mlp(seed=0), make_mlp(seed=1)
     trak = ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False)
     trak.featurize((x, y), checkpoints=[model.state_dict()])
-    before = trak.store.checkpoint(0).features[:]
+    before = trak.store.checkpoint(0).features()
     with pytest.raises(ft.CheckpointMismatchError, match="overwrite=True"):
         trak.featurize((x, y), checkpoints=[other.state_dict()])
-    np.testing.assert_array_equal(trak.store.checkpoint(0).features[:], before)
+    np.testing.assert_array_equal(trak.store.checkpoint(0).features(), before)
     trak.featurize((x, y), checkpoints=[other.state_dict()], overwrite=True)
-    assert not np.array_equal(trak.store.checkpoint(0).features[:], before)
+    assert not np.array_equal(trak.store.checkpoint(0).features(), before)
     with pytest.raises(ft.CheckpointMismatchError, match="same checkpoints"):
         trak.score((x[:2], y[:2]), checkpoints=[model.state_dict()])
 
@@ -130,7 +133,7 @@ def test_float16_feature_storage_scores_close_to_float32():
     for dtype in ("float32", "float16"):
         trak = ft.TRAK(model, proj_dim=32, feature_dtype=dtype, progress=False)
         trak.featurize((x, y))
-        assert trak.store.checkpoint(0).features.dtype == np.dtype(dtype)
+        assert trak.store.checkpoint(0).features().dtype == np.dtype(dtype)
         results.append(np.asarray(trak.score((x[:4], y[:4]))))
     scale = np.abs(results[0]).max()
     np.testing.assert_allclose(results[1], results[0], atol=2e-2 * scale)
@@ -146,5 +149,5 @@ def test_checkpoint_paths_load_safely(tmp_path):
     by_dict = ft.TRAK(model, proj_dim=8, progress=False)
     by_dict.featurize((x, y), checkpoints=[model.state_dict()])
     np.testing.assert_array_equal(
-        trak.store.checkpoint(0).features[:], by_dict.store.checkpoint(0).features[:]
+        trak.store.checkpoint(0).features(), by_dict.store.checkpoint(0).features()
     )

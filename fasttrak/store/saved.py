@@ -1,0 +1,130 @@
+"""Saved score arrays: written block by block, resumable, published atomically, verified.
+
+``Scores.save(path)`` writes into ``path.partial`` (a zarr array, an identity record and a
+done mark per column block), then seals the per-chunk CRC32Cs into the array's attributes
+and renames ``path.partial`` to ``path`` in one step. A killed save resumes from its done
+blocks; a partial output never sits at ``path``; finished scores of another run at ``path``
+are replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from fasttrak.errors import ScoresExistError, StoreCorruptError, StoreError
+from fasttrak.store.arrays import chunk_grid, new_array, read_whole
+from fasttrak.store.files import DirectoryFiles
+from fasttrak.store.records import DamagedRecord, checksum, decode, encode, seal, unseal
+
+Blocks = Callable[[set[int]], Iterator[tuple[int, slice, np.ndarray]]]
+"""blocks(skip) yields (block index, column slice, scores (n_targets, columns)) for every
+column block not in ``skip``."""
+
+
+def save_scores(
+    path: str | Path,
+    shape: tuple[int, int],
+    block_columns: int,
+    identity: str,
+    blocks: Blocks,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Write scores of shape (n_targets, n_train) to a zarr array at ``path``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file; pass a new path (a directory) for the scores")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name, partial = path.name, f"{path.name}.partial"
+    files = DirectoryFiles(path.parent, staging=f"{partial}/tmp")
+    if files.exists(name):
+        existing = _finished_identity(files, name)
+        if existing == identity:
+            return zarr.open_array(store=files.zarr_store(name), mode="r")
+        if not overwrite:
+            what = "other scores" if existing else "something that is not fasttrak scores"
+            raise ScoresExistError(
+                f"{path} holds {what}; pass overwrite=True to replace them, or another path"
+            )
+    chunks = (shape[0], block_columns)
+    if _partial_identity(files, partial) != identity:
+        files.delete_tree(partial)
+        array = new_array(files.zarr_store(partial), shape, "float32", chunks)
+        files.create(f"{partial}/identity.json", encode({"identity": identity}))
+    array = zarr.open_array(store=files.zarr_store(partial), mode="r+")
+    if _finished_identity(files, partial) != identity:
+        done = _done_blocks(files, partial)
+        for j, columns, block in blocks(set(done)):
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            array[:, columns] = block
+            files.create(f"{partial}/blocks/{j}.json", encode({"block": j, "crc": checksum(block)}))
+            done[j] = checksum(block)
+        grid = [index[1] for index, _ in chunk_grid(shape, chunks)]
+        array.attrs["fasttrak"] = seal(
+            {
+                "kind": "scores",
+                "identity": identity,
+                "shape": list(shape),
+                "dtype": "float32",
+                "chunks": list(chunks),
+                "chunk_crc32c": [done[j] for j in grid],
+            }
+        )
+    files.delete_tree(f"{partial}/blocks")
+    files.delete(f"{partial}/identity.json")
+    if files.exists(name):  # overwrite=True: the old scores go only now
+        files.delete_tree(name)
+    if not files.publish(partial, name) and _finished_identity(files, name) != identity:
+        raise ScoresExistError(f"another process saved other scores at {path} meanwhile")
+    return zarr.open_array(store=files.zarr_store(name), mode="r")
+
+
+def load_scores(path: str | Path) -> np.ndarray:
+    """The scores saved at ``path`` (n_targets, n_train) float32, verified chunk by chunk."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        partial = path.with_name(path.name + ".partial")
+        hint = " (an unfinished save is at .partial: run save again)" if partial.exists() else ""
+        raise StoreError(f"no saved scores at {path}{hint}")
+    files = DirectoryFiles(path.parent, staging=f"{path.name}.partial/tmp")
+    fix = "save the scores again with scores.save(path, overwrite=True)"
+    data, record = read_whole(files, path.name, f"saved scores {path}", fix)
+    if record.get("kind") != "scores":
+        raise StoreCorruptError(f"{path} is not a fasttrak scores array; {fix}")
+    return data
+
+
+def _finished_identity(files: DirectoryFiles, key: str) -> str | None:
+    """The identity sealed into a finished scores array at ``key``, or None."""
+    try:
+        array = zarr.open_array(store=files.zarr_store(key), mode="r")
+        record = unseal(dict(array.attrs).get("fasttrak"))
+    except Exception:  # not an array, damaged metadata, no or damaged record
+        return None
+    return str(record.get("identity")) if record.get("kind") == "scores" else None
+
+
+def _partial_identity(files: DirectoryFiles, partial: str) -> str | None:
+    data = files.read(f"{partial}/identity.json")
+    if data is None or not files.exists(f"{partial}/zarr.json"):
+        return _finished_identity(files, partial)
+    try:
+        return str(decode(data)["identity"])
+    except (DamagedRecord, KeyError):
+        return None
+
+
+def _done_blocks(files: DirectoryFiles, partial: str) -> dict[int, int]:
+    """Column blocks of a partial save whose done mark is intact: block -> CRC32C."""
+    done = {}
+    for name in files.list(f"{partial}/blocks"):
+        data = files.read(f"{partial}/blocks/{name}")
+        try:
+            fields = decode(data or b"")
+            done[int(fields["block"])] = int(fields["crc"])
+        except (DamagedRecord, KeyError, ValueError):
+            files.delete(f"{partial}/blocks/{name}")  # redone
+    return done
