@@ -219,7 +219,8 @@ class TRAK:
         Resumable: chunks already finished in the store are skipped. Safe to run in many
         processes at once on one store: each claims the chunks it computes (see
         docs/store.md). A model id that was featurized from other weights is an error
-        unless ``overwrite=True``.
+        unless ``overwrite=True``, which deletes those features first (features of the same
+        weights are always kept and resumed).
 
         Args:
             model_ids: the model id each checkpoint is stored under (default 0, 1, ...):
@@ -247,7 +248,7 @@ class TRAK:
             report = repair_store(self.store, models=ids)
             if report.problems:
                 warnings.warn(f"repaired before featurizing:\n{report}", stacklevel=2)
-        self._check_done_rows(rows, ids, members, overwrite, check_data)
+        self._check_done_rows(rows, ids, members, check_data)
         for m, member in zip(ids, members, strict=True):
             with self.store.writing(m, member.fingerprint, overwrite) as ck:
                 pending = ck.pending_chunks()
@@ -306,7 +307,6 @@ class TRAK:
         rows: Rows,
         ids: list[int],
         members: list[_Member],
-        overwrite: bool,
         check_data: str,
     ) -> None:
         """Check the training rows of chunks this call will not compute against the store's
@@ -315,11 +315,11 @@ class TRAK:
         if not recorded:
             return
         computed: set[int] = set()
-        for m in ids:
-            if overwrite or m not in self.store.checkpoint_ids():
-                computed.update(range(self.store.num_chunks))
-            else:
+        for m, member in zip(ids, members, strict=True):
+            if self.store._stored_fingerprint(m) == member.fingerprint:
                 computed.update(self.store.checkpoint(m).pending_chunks())
+            else:  # new, or replaced with overwrite=True (otherwise an error follows)
+                computed.update(range(self.store.num_chunks))
         others = [c for c in recorded if c not in computed]
         if check_data == "sample" or (check_data == "auto" and not computed):
             others = sorted({c for c in (recorded[0], recorded[-1]) if c in others})

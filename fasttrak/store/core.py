@@ -57,7 +57,7 @@ from fasttrak.store.arrays import (
     publish_whole,
     read_whole,
 )
-from fasttrak.store.files import Files, Lock, held, open_files
+from fasttrak.store.files import Files, Lock, held, open_files, stale_staging
 from fasttrak.store.records import DamagedRecord, checksum, decode, digest, encode, seal, unseal
 
 FORMAT_VERSION = 2
@@ -231,6 +231,8 @@ class Store:
             self.files.write("zarr.json", wanted)
         if self.files.read("checkpoints/zarr.json") != GROUP_JSON:
             self.files.write("checkpoints/zarr.json", GROUP_JSON)
+        for leftover in stale_staging(self.files):  # of processes that died mid-write
+            self.files.delete_tree(leftover)
 
     # -------------------------------------------------------------- settings
     @property
@@ -358,11 +360,12 @@ class Store:
     ) -> Iterator[CheckpointStore]:
         """Model m's store, created if new, for as long as the block writes to it.
 
-        Many processes may write the same model at once (they claim chunks); a different
-        checkpoint at m is refused unless ``overwrite``, which deletes model m's features
-        first and is refused while another process writes model m."""
+        Many processes may write the same model at once (they claim chunks). Features of
+        other weights at m are refused, unless ``overwrite``: then they are deleted first,
+        which is refused while another process writes model m. Features of the same weights
+        are always kept and resumed, with or without ``overwrite``."""
         self._require_writable()
-        if overwrite:
+        if overwrite and self._stored_fingerprint(m) not in (None, fingerprint):
             lock = self.files.lock(lock_key(m), shared=False, wait=False)
             if lock is None:
                 raise StoreBusyError(
@@ -370,10 +373,20 @@ class Store:
                     "would delete its work: wait for it to finish (or stop it), then retry"
                 )
             with held(lock):
-                self._delete_checkpoint(m)
+                if self._stored_fingerprint(m) not in (None, fingerprint):
+                    self._delete_checkpoint(m)
                 self._create_checkpoint(m, fingerprint)
         with held(self.files.lock(lock_key(m), shared=True, wait=True)):
             yield self._create_checkpoint(m, fingerprint)
+
+    def _stored_fingerprint(self, m: int) -> str | None:
+        """The weights' fingerprint recorded for model m (None: no record, or a damaged
+        one, which the overwrite replaces)."""
+        try:
+            record = self.read_record(f"{checkpoint_dir(m)}/checkpoint.json", "")
+        except StoreCorruptError:
+            return "damaged"
+        return None if record is None else str(record["fingerprint"])
 
     def _create_checkpoint(self, m: int, fingerprint: str) -> CheckpointStore:
         """Model m's arrays and record (idempotent); CheckpointMismatchError if model m was

@@ -130,13 +130,23 @@ class DirectoryFiles:
             self._unlink(self.path(key))
 
     def delete_tree(self, prefix: str) -> None:
-        """Remove a directory: first renamed into staging (one atomic step that takes it out
-        of the store), then deleted."""
+        """Remove a directory: first renamed out of the way (one atomic step that takes it
+        out of the store: into staging, or beside itself when staging lies inside it), then
+        deleted."""
         source = self.path(prefix)
         if not source.exists():
             return
         self._check_writable()
-        trash = self.path(self.staging_dir())
+        if not source.is_dir():
+            self._unlink(source)
+            return
+        inside = prefix == self.staging or self.staging.startswith(prefix.rstrip("/") + "/")
+        if inside:
+            trash = source.with_name(
+                f".{source.name}.deleting-{_process_tag()}-{uuid.uuid4().hex[:8]}"
+            )
+        else:
+            trash = self.path(self.staging_dir())
         try:
             self._rename(source, trash)
         except FileNotFoundError:  # another process removed it first
