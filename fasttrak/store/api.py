@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fasttrak.store.core import Store
+from fasttrak.errors import StoreCorruptError, StoreError
+from fasttrak.store.core import RUN, Store
 from fasttrak.store.saved import load_scores
-from fasttrak.store.verify import Report, repair, verify
+from fasttrak.store.verify import Problem, Report, repair, verify
 
 
 def verify_store(path: str | Path) -> Report:
-    """Check every record, chunk and kernel of the store at ``path`` (or saved scores);
-    the report lists each problem with what ``repair_store`` does about it."""
+    """Check every record, chunk and kernel of the store at ``path``, or saved scores; the
+    report lists each problem with what ``repair_store`` does about it."""
+    if _is_saved_scores(Path(path)):
+        report = Report(str(path))
+        report.count("saved score arrays")
+        try:
+            load_scores(path)
+        except StoreCorruptError as error:
+            report.problems.append(
+                Problem(str(path), str(error), "save the same scores again (scores.save(path))")
+            )
+        return report
     return verify(Store.open_existing(path))
 
 
@@ -19,7 +30,19 @@ def repair_store(path: str | Path) -> Report:
     """Repair the store at ``path``: damaged chunks are un-finished (the next featurize with
     the same data and checkpoints recomputes only them), damaged kernels deleted (rebuilt on
     the next score), damaged records restored from their copies."""
+    if _is_saved_scores(Path(path)):
+        raise StoreError(
+            f"{path} holds saved scores, which are repaired by saving them again: "
+            "scores.save(path) (with overwrite=True if their metadata is damaged)"
+        )
     return repair(Store.open_existing(path))
+
+
+def _is_saved_scores(path: Path) -> bool:
+    """A directory that looks like a saved scores array (and is not a store)."""
+    if (path / RUN).exists() or (path / "records").exists():
+        return False
+    return (path / "zarr.json").exists() or (path / "c").is_dir()
 
 
 __all__ = ["Report", "load_scores", "repair_store", "verify_store"]

@@ -335,10 +335,14 @@ class Store:
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint_ids(self) -> list[int]:
-        """Model ids whose checkpoint record exists (featurized, or being featurized)."""
+        """Model ids that have a checkpoint record or done marks (featurized, being
+        featurized, or damaged: :meth:`checkpoint` says which)."""
         ids = []
         for name in self.files.list("records/checkpoints"):
-            if name.isdigit() and self.files.exists(f"{checkpoint_dir(int(name))}/checkpoint.json"):
+            if name.isdigit() and (
+                self.files.exists(f"{checkpoint_dir(int(name))}/checkpoint.json")
+                or self.files.list(f"{checkpoint_dir(int(name))}/done")
+            ):
                 ids.append(int(name))
         return sorted(ids)
 
@@ -348,6 +352,11 @@ class Store:
             f"{checkpoint_dir(m)}/checkpoint.json", f"the checkpoint record of model {m}"
         )
         if record is None:
+            if self.files.list(f"{checkpoint_dir(m)}/done"):
+                raise StoreCorruptError(
+                    f"{self.where}: model {m} has done marks but no checkpoint record (it was "
+                    f"deleted, or an overwrite was interrupted); {self.repair_hint()}"
+                )
             raise NotFeaturizedError(
                 f"{self.where} holds no features of model {m} (stored: {self.checkpoint_ids()}); "
                 "featurize it first"

@@ -42,9 +42,9 @@ def save_scores(
     files = DirectoryFiles(path.parent, staging=f"{partial}/tmp")
     if files.exists(name):
         existing = _finished_identity(files, name)
-        if existing == identity:
+        if existing == identity and _intact(files, name):
             return zarr.open_array(store=files.zarr_store(name), mode="r")
-        if not overwrite:
+        if not overwrite and existing != identity:  # the same scores, damaged: rewritten
             what = "other scores" if existing else "something that is not fasttrak scores"
             raise ScoresExistError(
                 f"{path} holds {what}; pass overwrite=True to replace them, or another path"
@@ -85,16 +85,29 @@ def save_scores(
 def load_scores(path: str | Path) -> np.ndarray:
     """The scores saved at ``path`` (n_targets, n_train) float32, verified chunk by chunk."""
     path = Path(path)
+    if not (path / "zarr.json").exists() and (path / "c").is_dir():
+        raise StoreCorruptError(
+            f"saved scores {path}: their metadata (zarr.json) is missing; save the scores "
+            "again with scores.save(path, overwrite=True)"
+        )
     if not (path / "zarr.json").exists():
         partial = path.with_name(path.name + ".partial")
         hint = " (an unfinished save is at .partial: run save again)" if partial.exists() else ""
         raise StoreError(f"no saved scores at {path}{hint}")
     files = DirectoryFiles(path.parent, staging=f"{path.name}.partial/tmp")
-    fix = "save the scores again with scores.save(path, overwrite=True)"
+    fix = "save the scores again: scores.save(path) rewrites a damaged save of the same scores"
     data, record = read_whole(files, path.name, f"saved scores {path}", fix)
     if record.get("kind") != "scores":
         raise StoreCorruptError(f"{path} is not a fasttrak scores array; {fix}")
     return data
+
+
+def _intact(files: DirectoryFiles, key: str) -> bool:
+    try:
+        read_whole(files, key, key, "")
+    except StoreCorruptError:
+        return False
+    return True
 
 
 def _finished_identity(files: DirectoryFiles, key: str) -> str | None:

@@ -61,6 +61,8 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     recompute: dict[int, list[int]] = field(default_factory=dict)
     """Chunks to recompute per model (their done marks were removed by repair)."""
+    pending: dict[int, list[int]] = field(default_factory=dict)
+    """Chunks not finished yet per model (a run in progress or interrupted; not damage)."""
 
     @property
     def ok(self) -> bool:
@@ -76,6 +78,8 @@ class Report:
             lines.append("no problems found")
         for problem in self.problems:
             lines.append(f"  {problem}")
+        for m, chunks in self.pending.items():
+            lines.append(f"  model {m}: {len(chunks)} chunk(s) not finished yet (featurize them)")
         if self.problems and not self.repaired:
             lines.append(f"run `fasttrak repair {self.location}` to repair")
         if self.repaired and self.recompute:
@@ -112,6 +116,11 @@ class _Walk:
             self.store._require_writable()
         self.run_record()
         n = self.train_record()
+        try:
+            if self.store.num_train != n:  # verify only: the record is not restored yet
+                n = None
+        except StoreCorruptError:
+            n = None
         if n is not None:
             self.rows_records()
         ids = self.model_ids() if models is None else sorted(set(models))
@@ -161,11 +170,16 @@ class _Walk:
     def train_record(self) -> int | None:
         self.report.count("records")
         try:
-            return self.store.num_train
+            n = self.store.num_train
+            if n is not None or not self.model_ids():
+                return n
+            detail = "missing though models are stored"
         except StoreCorruptError as error:
-            n = self._rows_from_arrays()
+            detail = str(error).split(": ", 1)[-1].split(";")[0]
+        n = self._rows_from_arrays()
+        if n is not None or detail:
             action = f"restored (n = {n}) from the feature arrays" if n else "deleted"
-            self.problem(TRAIN, str(error).split(": ", 1)[-1].split(";")[0], action)
+            self.problem(TRAIN, detail, action)
             if self.fix:
                 if n:
                     self.files.write(TRAIN, encode({"n": n}))
@@ -331,6 +345,19 @@ class _Walk:
             if problem:
                 self.problem(f"model {m}, chunk {c}", problem, "chunk recomputed")
                 self._unfinish(ck, c)
+            elif self._rows_ok(c) and self.store.rows_fingerprint(c) is None:
+                self.problem(
+                    rows_key(c),
+                    "missing though chunks of those rows are done",
+                    "restored from a done mark",
+                )
+                if self.fix:
+                    rows = self.store.chunk_slice(c)
+                    fields = {"chunk": c, "rows": [rows.start, rows.stop], "data": record.data}
+                    self.files.create(rows_key(c), encode(fields))
+        pending = [c for c in range(ck.num_chunks) if c not in records]
+        if pending and not self.fix:
+            self.report.pending[m] = pending
 
     def _chunk_problem(self, ck: CheckpointStore, record: ChunkRecord) -> str | None:
         for name in ("features", "q"):
