@@ -4,7 +4,8 @@
 done mark per column block), then seals the per-chunk CRC32Cs into the array's attributes
 and renames ``path.partial`` to ``path`` in one step. A killed save resumes from its done
 blocks; a partial output never sits at ``path``; finished scores of another run at ``path``
-are replaced only with ``overwrite=True``.
+are replaced only with ``overwrite=True``. Savers of one path take turns (a flock on the
+hidden file ``.NAME.lock`` beside it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import zarr
 
 from fasttrak.errors import ScoresExistError, StoreCorruptError, StoreError
 from fasttrak.store.arrays import chunk_grid, new_array, read_whole
-from fasttrak.store.files import DirectoryFiles
+from fasttrak.store.files import DirectoryFiles, held
 from fasttrak.store.records import DamagedRecord, checksum, decode, encode, seal, unseal
 
 Blocks = Callable[[set[int]], Iterator[tuple[int, slice, np.ndarray]]]
@@ -40,6 +41,22 @@ def save_scores(
     path.parent.mkdir(parents=True, exist_ok=True)
     name, partial = path.name, f"{path.name}.partial"
     files = DirectoryFiles(path.parent, staging=f"{partial}/tmp")
+    # One saver at a time per path (a hidden lock file beside it, kept): a second one
+    # waits, then finds the scores saved.
+    with held(files.lock(f".{name}.lock", wait=True)):
+        return _save_locked(files, path, shape, block_columns, identity, blocks, overwrite)
+
+
+def _save_locked(
+    files: DirectoryFiles,
+    path: Path,
+    shape: tuple[int, int],
+    block_columns: int,
+    identity: str,
+    blocks: Blocks,
+    overwrite: bool,
+) -> zarr.Array:
+    name, partial = path.name, f"{path.name}.partial"
     if files.exists(name):
         existing = _finished_identity(files, name)
         if existing == identity and _intact(files, name):
