@@ -29,6 +29,7 @@ from fasttrak.errors import (
     ConfigError,
     ConfigTypeError,
     DataError,
+    DataMismatchError,
     FastTrakError,
     NonFiniteGradientError,
     NotFeaturizedError,
@@ -232,7 +233,8 @@ class TRAK:
                 anything (chunks it computes are checked for free, the others by a pass
                 over the data without the model), else the first and last chunk;
                 ``"full"``: every chunk always; ``"sample"``: chunks it computes, plus the
-                first and last chunk.
+                first and last chunk. The first and last chunk are always checked before
+                anything is written. :meth:`check_data` checks every chunk on demand.
         """
         if check_data not in CHECK_DATA:
             raise ConfigError(f"check_data must be one of {CHECK_DATA}, got {check_data!r}")
@@ -250,11 +252,56 @@ class TRAK:
                 warnings.warn(f"repaired before featurizing:\n{report}", stacklevel=2)
         self._check_done_rows(rows, ids, members, check_data)
         for m, member in zip(ids, members, strict=True):
+            if self._finished(m, member):  # nothing to write (also on a read-only store)
+                continue
             with self.store.writing(m, member.fingerprint, overwrite) as ck:
                 pending = ck.pending_chunks()
                 if pending:
                     self._featurize_model(rows, ck, member, pending)
         self._members.update(zip(ids, members, strict=True))
+
+    def _finished(self, m: int, member: _Member) -> bool:
+        """Whether model m is stored complete, from these weights."""
+        if self.store._stored_fingerprint(m) != member.fingerprint:
+            return False
+        return not self.store.checkpoint(m).pending_chunks()
+
+    def check_data(self, train_set: Any, batch_size: int | None = None) -> int:
+        """Check every chunk of ``train_set`` against the rows the store was featurized with,
+        by a pass over the data without the model (the inputs and labels, not the weights).
+
+        Raises DataMismatchError naming the first chunk that differs (other data, another
+        order, changed labels); returns the number of chunks checked.
+        """
+        rows = as_rows(train_set, batch_size or self.batch_size)
+        known = self.store.num_train
+        if known is None:
+            raise NotFeaturizedError("nothing is featurized yet: there is nothing to check")
+        if len(rows) != known:
+            raise DataMismatchError(
+                f"{self.store.where} was featurized on {known} training rows; this data has "
+                f"{len(rows)}"
+            )
+        chunks = [c for c in range(self.store.num_chunks) if self.store.rows_fingerprint(c)]
+        self._check_rows(rows, chunks)
+        return len(chunks)
+
+    def _check_rows(self, rows: Rows, chunks: list[int]) -> None:
+        """Fingerprint these chunks of ``rows`` (in runs of adjacent chunks, one pass over the
+        data each) and compare them with the store's record, first chunk first."""
+        runs: list[list[int]] = []
+        for c in sorted(chunks):
+            if runs and runs[-1][-1] == c - 1:
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        for run in runs:
+            span = slice(self.store.chunk_slice(run[0]).start, self.store.chunk_slice(run[-1]).stop)
+            hashes = rows.hashes(span)
+            for c in run:
+                part = self.store.chunk_slice(c)
+                piece = hashes[part.start - span.start : part.stop - span.start]
+                self.store.check_rows(c, chunk_fingerprint(piece))
 
     def _featurize_model(
         self, rows: Rows, ck: CheckpointStore, member: _Member, pending: list[int]
@@ -322,9 +369,12 @@ class TRAK:
                 computed.update(range(self.store.num_chunks))
         others = [c for c in recorded if c not in computed]
         if check_data == "sample" or (check_data == "auto" and not computed):
-            others = sorted({c for c in (recorded[0], recorded[-1]) if c in others})
-        for c in others:
-            self.store.check_rows(c, chunk_fingerprint(rows.hashes(self.store.chunk_slice(c))))
+            others = [c for c in others if c in (recorded[0], recorded[-1])]
+        # The first and last chunk are checked before anything is written, even when they
+        # are recomputed (where the check is otherwise made as each chunk is written): data
+        # that differ throughout are refused before a new model is created.
+        others = sorted({*others, recorded[0], recorded[-1]})
+        self._check_rows(rows, others)
 
     def _features(
         self,
