@@ -80,5 +80,38 @@ def demo(
     click.echo(f"\nfigure: {result.paths['figure']}")
 
 
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(path: Path) -> None:
+    """Check every record, chunk and kernel of the store at PATH (or saved scores at PATH)
+    against its checksum. Exit status 1 if anything is damaged."""
+    from fasttrak.errors import FastTrakError
+    from fasttrak.store.api import verify_store
+
+    try:
+        report = verify_store(path)
+    except FastTrakError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(str(report))
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def repair(path: Path) -> None:
+    """Repair the store at PATH: un-finish damaged chunks (the next featurize with the same
+    data and checkpoints recomputes only them), delete damaged kernels (rebuilt on the next
+    score), restore damaged records from their copies, remove leftovers of dead processes."""
+    from fasttrak.errors import FastTrakError
+    from fasttrak.store.api import repair_store
+
+    try:
+        report = repair_store(path)
+    except FastTrakError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(str(report))
+
+
 if __name__ == "__main__":
     main()

@@ -665,10 +665,20 @@ class CheckpointStore:
         data: np.ndarray,
         chunks: tuple[int, ...],
     ) -> None:
-        """Publish a kernel artefact (a no-op if another process published it first)."""
+        """Publish a kernel artefact (a no-op if another process published it first), and
+        delete those built from chunks that have since been recomputed (stale)."""
         sources = sources_of(records)
         record = {"kind": kind, "settings": _jsonish(settings), "sources": sources}
         publish_whole(self.files, self.kernel_key(kind, settings, sources), data, chunks, record)
+        base = f"checkpoints/{self.model_id}/kernels"
+        for name in self.files.list(base):
+            try:
+                array = zarr.open_array(store=self.files.zarr_store(f"{base}/{name}"), mode="r")
+                stale = unseal(dict(array.attrs).get("fasttrak"))["sources"] != sources
+            except Exception:  # damaged: left for verify to report and repair to delete
+                continue
+            if stale:
+                self.files.delete_tree(f"{base}/{name}")
 
 
 def sources_of(records: dict[int, ChunkRecord]) -> str:
