@@ -261,7 +261,7 @@ def make_trak(kind: Kind, projector: str, k: int, store: Path | None, **options:
 
 class Instrument:
     """Times, per featurize call, each model (process_time between the store's
-    open_checkpoint calls, store writes included), the feature computation of each model
+    writing calls, store writes included), the feature computation of each model
     alone (TRAK._features) and the gradient / projector-building / projection calls."""
 
     def __init__(self, trak: ft.TRAK) -> None:
@@ -271,7 +271,7 @@ class Instrument:
         features = trak._features
         gradient_engine, open_checkpoint, get_projector = (
             trak._gradient_engine,
-            trak.store.open_checkpoint,
+            trak.store.writing,
             trak._projector,
         )
 
@@ -321,7 +321,7 @@ class Instrument:
 
         trak._features = timed_features  # type: ignore[method-assign]
         trak._gradient_engine = timed_engine  # type: ignore[method-assign]
-        trak.store.open_checkpoint = timed_open  # type: ignore[method-assign]
+        trak.store.writing = timed_open  # type: ignore[method-assign]
         trak._projector = timed_projector  # type: ignore[method-assign]
 
     def per_model(self, start: float, end: float) -> list[float]:
@@ -408,10 +408,10 @@ def sweep_store(
         ck, tk = train_trak.store.checkpoint(m), target_trak.store.checkpoint(m)
         assert ck is not None and tk is not None
         start = cpu()
-        phi = np.asarray(ck.features[:], dtype=np.float32)
-        q = np.asarray(ck.q[:])
+        phi = np.asarray(ck.features(), dtype=np.float32)
+        q = np.asarray(ck.q())
         read_s = cpu() - start
-        phi_target = torch.from_numpy(np.asarray(tk.features[:], dtype=np.float32))
+        phi_target = torch.from_numpy(np.asarray(tk.features(), dtype=np.float32))
         grams, gram_s = {}, {}
         for weighting in weightings:
             start = cpu()
@@ -441,13 +441,14 @@ def sweep_store(
 
 
 def _kernel_rows(ck: Any, phi: np.ndarray, q: np.ndarray, weighting: str) -> Any:
-    """The row blocks TRAK._kernel_rows yields (store chunks of Phi, or of R^1/2 Phi)."""
+    """The row blocks TRAK._kernel_rows yields (store chunks of Phi, or of R^1/2 Phi; the
+    weights R come from the whole Q, as their guard looks at every row)."""
+    weights = np.sqrt(kernel_ops.gauss_newton_weights(q)) if weighting == "gauss_newton" else None
     for c in range(ck.num_chunks):
         rows = ck.chunk_slice(c)
         block = phi[rows]
-        if weighting == "gauss_newton":
-            weights = kernel_ops.gauss_newton_weights(q[rows])
-            block = block * np.sqrt(weights).astype(np.float32)[:, None]
+        if weights is not None:
+            block = block * weights[rows].astype(np.float32)[:, None]
         yield block
 
 

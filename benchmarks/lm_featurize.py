@@ -225,7 +225,7 @@ def group_rows(trak: ft.TRAK, batch_size: int) -> int:
 def features(trak: ft.TRAK) -> np.ndarray:
     ck = trak.store.checkpoint(0)
     assert ck is not None
-    return np.asarray(ck.features[:], dtype=np.float64)
+    return np.asarray(ck.features(), dtype=np.float64)
 
 
 def sync(device: str) -> None:
