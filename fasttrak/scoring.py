@@ -84,7 +84,7 @@ class Scores:
             rows = first.chunk_slice(c)
             total = torch.zeros((rows.stop - rows.start, self.shape[0]), dtype=torch.float64)
             for (ck, records), solved in zip(self._models, self._solved, strict=True):
-                phi = torch.from_numpy(ck.read("features", records[c]).astype(np.float32))
+                phi = torch.from_numpy(np.asarray(ck.read("features", records[c]), np.float32))
                 total += (phi @ solved).double()
             total *= torch.from_numpy(self.q_mean[rows]).double()[:, None] / len(self._solved)
             yield c, rows, total.T.float().numpy()

@@ -262,7 +262,7 @@ class TRAK:
 
     def _finished(self, m: int, member: _Member) -> bool:
         """Whether model m is stored complete, from these weights."""
-        if self.store._stored_fingerprint(m) != member.fingerprint:
+        if self.store.stored_fingerprint(m) != member.fingerprint:
             return False
         return not self.store.checkpoint(m).pending_chunks()
 
@@ -363,7 +363,7 @@ class TRAK:
             return
         computed: set[int] = set()
         for m, member in zip(ids, members, strict=True):
-            if self.store._stored_fingerprint(m) == member.fingerprint:
+            if self.store.stored_fingerprint(m) == member.fingerprint:
                 computed.update(self.store.checkpoint(m).pending_chunks())
             else:  # new, or replaced with overwrite=True (otherwise an error follows)
                 computed.update(range(self.store.num_chunks))
@@ -384,9 +384,11 @@ class TRAK:
         m: int,
         task: Task,
         bar: Any = None,
+        hashes: bool = True,
     ) -> tuple[Tensor, Tensor, np.ndarray]:
-        """Features (rows, k), Q (rows,) and per-row data hashes (rows,) of one row range
-        for model m, whose weights are ``state`` and whose (bound) task is ``task``.
+        """Features (rows, k), Q (rows,) and per-row data hashes (rows,; empty when not
+        ``hashes``) of one row range for model m, whose weights are ``state`` and whose
+        (bound) task is ``task``.
 
         Gradients are projected per batch when the projection is cached, or gathered into
         groups of ``projector.group_rows`` rows when it is generated block by block.
@@ -395,11 +397,11 @@ class TRAK:
         engine = self._gradient_engine(task)
         feats: list[Tensor] = []
         qs: list[Tensor] = []
-        hashes: list[np.ndarray] = []
+        row_hashes: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)]
         group: list[list[Tensor]] = []  # per batch: per-parameter gradient blocks (B, p_i)
         group_start, group_size = chunk.start, 0
-        for where, batch, batch_hashes in rows.batches(chunk, with_hashes=True):
-            hashes.append(batch_hashes)
+        for where, batch, *batch_hashes in rows.batches(chunk, with_hashes=hashes):
+            row_hashes.extend(batch_hashes)
             batch = to_device(batch, self.device)
             task.check_batch(batch)
             with torch.no_grad():
@@ -420,7 +422,7 @@ class TRAK:
                 bar.update(where.stop - where.start)
         if group:
             feats.append(self._project(projector, group, group_start, m))
-        return torch.cat(feats), torch.cat(qs), np.concatenate(hashes)
+        return torch.cat(feats), torch.cat(qs), np.concatenate(row_hashes)
 
     def _project(
         self, projector: Projector, group: list[list[Tensor]], start: int, m: int

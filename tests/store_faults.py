@@ -58,7 +58,7 @@ def pipeline(work: Path, variant: str = "plain") -> np.ndarray:
     trak = make_trak(work / "store", model)
     replaced = {k: v + 0.5 for k, v in states[1].items()}
     store = trak.store
-    if variant == "plain" or store._stored_fingerprint(1) != fingerprint(
+    if variant == "plain" or store.stored_fingerprint(1) != fingerprint(
         load_state(model, replaced)
     ):
         trak.featurize(train, checkpoints=states)

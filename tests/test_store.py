@@ -151,3 +151,26 @@ def test_checkpoint_paths_load_safely(tmp_path):
     np.testing.assert_array_equal(
         trak.store.checkpoint(0).features(), by_dict.store.checkpoint(0).features()
     )
+
+
+def test_models_under_chosen_ids_in_any_order(tmp_path):
+    """One job per model: ids need not start at 0 or be featurized in order."""
+    x, y = make_data(30)
+    models = [make_mlp(seed=s) for s in range(3)]
+    trak = ft.TRAK(models[0], proj_dim=8, store=tmp_path, progress=False)
+    trak.featurize((x, y), checkpoints=[models[2]], model_ids=[7])
+    trak.featurize((x, y), checkpoints=[models[0]], model_ids=[3])
+    assert trak.store.checkpoint_ids() == [3, 7]
+    scores = np.asarray(trak.score((x[:3], y[:3])))  # the checkpoints of the calls above
+    again = ft.TRAK(models[0], proj_dim=8, store=tmp_path, progress=False)
+    by_ids = again.score((x[:3], y[:3]), checkpoints=[models[0], models[2]])  # id order
+    np.testing.assert_array_equal(np.asarray(by_ids), scores)
+    with pytest.raises(ft.CheckpointMismatchError, match="same checkpoints"):
+        again.score((x[:3], y[:3]), checkpoints=[models[2], models[0]])
+    reference = ft.TRAK(models[0], proj_dim=8, progress=False)  # projections depend on the id
+    reference.featurize((x, y), checkpoints=[models[0], models[2]], model_ids=[3, 7])
+    np.testing.assert_allclose(np.asarray(reference.score((x[:3], y[:3]))), scores, rtol=1e-5)
+    with pytest.raises(ft.ConfigError, match="one distinct id per checkpoint"):
+        trak.featurize((x, y), checkpoints=[models[1]], model_ids=[4, 5])
+    with pytest.raises(ft.ConfigTypeError, match=r"\[7\]"):
+        trak.featurize((x, y), checkpoints=[models[1]], model_ids=7)

@@ -374,7 +374,7 @@ class Store:
         which is refused while another process writes model m. Features of the same weights
         are always kept and resumed, with or without ``overwrite``."""
         self._require_writable()
-        if overwrite and self._stored_fingerprint(m) not in (None, fingerprint):
+        if overwrite and self.stored_fingerprint(m) not in (None, fingerprint):
             lock = self.files.lock(lock_key(m), shared=False, wait=False)
             if lock is None:
                 raise StoreBusyError(
@@ -382,13 +382,13 @@ class Store:
                     "would delete its work: wait for it to finish (or stop it), then retry"
                 )
             with held(lock):
-                if self._stored_fingerprint(m) not in (None, fingerprint):
+                if self.stored_fingerprint(m) not in (None, fingerprint):
                     self._delete_checkpoint(m)
                 self._create_checkpoint(m, fingerprint)
         with held(self.files.lock(lock_key(m), shared=True, wait=True)):
             yield self._create_checkpoint(m, fingerprint)
 
-    def _stored_fingerprint(self, m: int) -> str | None:
+    def stored_fingerprint(self, m: int) -> str | None:
         """The weights' fingerprint recorded for model m (None: no record, or a damaged
         one, which the overwrite replaces)."""
         try:
