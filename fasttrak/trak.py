@@ -225,7 +225,8 @@ class TRAK:
 
         Args:
             model_ids: the model id each checkpoint is stored under (default 0, 1, ...):
-                one job per model, in any order, e.g. ``model_ids=[7]``.
+                one job per model, in any order, e.g. ``model_ids=[7]``. The id also
+                selects the model's random projection (a pure function of seed and id).
             repair: first verify this run's models in the store and recompute whatever is
                 damaged (see :func:`fasttrak.verify_store`).
             check_data: how the training rows are checked against those the store was
