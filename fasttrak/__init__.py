@@ -27,6 +27,7 @@ from fasttrak.errors import (
     StoreError,
     StoreMismatchError,
 )
+from fasttrak.kernel import SaturationWarning
 from fasttrak.scoring import Scores, TopK, soft_threshold
 from fasttrak.store.api import load_scores, repair_store, verify_store
 from fasttrak.trak import TRAK
@@ -47,6 +48,7 @@ __all__ = [
     "NotFeaturizedError",
     "NumericalError",
     "ReadOnlyStoreError",
+    "SaturationWarning",
     "Scores",
     "ScoresExistError",
     "StoreBusyError",

@@ -14,7 +14,7 @@ import torch
 import zarr
 from torch import Tensor
 
-from fasttrak.errors import ConfigError, DataError
+from fasttrak.errors import ConfigError, DataError, NumericalError
 from fasttrak.store import CheckpointStore, ChunkRecord
 from fasttrak.store.core import sources_of
 from fasttrak.store.records import checksum, digest
@@ -58,6 +58,13 @@ class Scores:
         for ck, records in self._models:
             q += ck.read_all("q", records).astype(np.float64)
         self.q_mean = (q / len(self._models)).astype(np.float32)
+        if not self.q_mean.any():
+            raise NumericalError(
+                "Q = 1 - p is 0 on every training row of every model (their softmax is "
+                "saturated: p = 1 in float32), so every score would be 0; use checkpoints from "
+                "before the training loss reaches ~0, or models trained with weight decay or "
+                "label smoothing (see docs/estimator.md, 'Saturated models')"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:

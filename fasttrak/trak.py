@@ -466,7 +466,9 @@ class TRAK:
 
     def _kernel_settings(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """What keys the cached gram and factor: they are rebuilt when any of it changes."""
-        gram = {"kernel": self.kernel, "precision": self.precision}
+        gram: dict[str, Any] = {"kernel": self.kernel, "precision": self.precision}
+        if self.kernel == "gauss_newton":  # grams of other guards (or none) are not reused
+            gram["guard"] = kernel_ops.GAUSS_NEWTON_GUARD
         factor = {
             **gram,
             "ridge": self.ridge,
@@ -491,7 +493,9 @@ class TRAK:
             if self.store.writable:
                 rows = max(1, min(self.k, 2**21 // self.k))  # chunks of <= 16 MiB
                 ck.write_kernel("gram", gram_settings, records, gram, (rows, self.k))
-        factor = kernel_ops.block_diagonal_factor(gram, self.ridge, ck.num_rows, self.kernel_blocks)
+        factor = kernel_ops.block_diagonal_factor(
+            gram, self.ridge, ck.num_rows, self.kernel_blocks, weighting=self.kernel
+        )
         if self.store.writable:
             ck.write_kernel("factor", factor_settings, records, factor, (1, *factor.shape[1:]))
         else:
@@ -503,8 +507,12 @@ class TRAK:
     ) -> Iterator[np.ndarray]:
         """Verified row blocks of Φ, or of R^½ Φ for the Gauss-Newton kernel."""
         weights = None
-        if self.kernel == "gauss_newton":
-            weights = np.sqrt(kernel_ops.gauss_newton_weights(ck.read_all("q", records)))
+        q = ck.read_all("q", records)
+        if self.kernel == "gauss_newton":  # guarded against saturation; warns when it acts
+            r = kernel_ops.gauss_newton_weights(q, k=self.k, model=ck.model_id)
+            weights = np.sqrt(r)
+        else:
+            kernel_ops.warn_if_saturated(q, model=ck.model_id)
         for c in range(ck.num_chunks):
             block = np.asarray(ck.read("features", records[c]), dtype=np.float32)
             if weights is not None:
