@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from fasttrak.errors import StoreCorruptError
-from fasttrak.store.files import Files
+from fasttrak.store.files import Files, os_errors
 from fasttrak.store.records import DamagedRecord, checksum, seal, unseal
 
 Index = tuple[int, ...]
@@ -96,8 +96,9 @@ def publish_whole(
     """Write ``data`` as a checksummed array and publish it at ``key``; False if another
     writer published there first (its array is kept)."""
     staged = files.staging_dir()
-    array = new_array(files.zarr_store(staged), data.shape, str(data.dtype), chunks)
-    array[...] = data
+    with os_errors(key):
+        array = new_array(files.zarr_store(staged), data.shape, str(data.dtype), chunks)
+        array[...] = data
     array.attrs["fasttrak"] = seal(
         {
             **record,

@@ -57,7 +57,7 @@ from fasttrak.store.arrays import (
     publish_whole,
     read_whole,
 )
-from fasttrak.store.files import Files, Lock, held, open_files, stale_staging
+from fasttrak.store.files import Files, Lock, held, open_files, os_errors, stale_staging
 from fasttrak.store.records import DamagedRecord, checksum, decode, digest, encode, seal, unseal
 
 FORMAT_VERSION = 2
@@ -574,8 +574,9 @@ class CheckpointStore:
             )
         q32 = np.ascontiguousarray(q.astype(np.float32))
         self.store.check_rows(c, data, record=True)
-        self.array("features")[rows] = stored
-        self.array("q")[rows] = q32
+        with os_errors(self._where("features", c)):
+            self.array("features")[rows] = stored
+            self.array("q")[rows] = q32
         record = ChunkRecord(
             self.model_id,
             c,

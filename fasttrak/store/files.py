@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 
-from fasttrak.errors import ReadOnlyStoreError, StoreError
+from fasttrak.errors import FastTrakError, ReadOnlyStoreError, StoreError
 
 STAGING = "records/staging"
 """Where files and directories are prepared before they are linked or moved into place."""
@@ -76,6 +77,40 @@ class _FlockLock:
         self.release()
 
 
+@contextlib.contextmanager
+def os_errors(what: str) -> Iterator[None]:
+    """Turn an OS error inside the block (e.g. zarr writing a chunk on a full disk) into a
+    StoreError that says what was being written."""
+    try:
+        yield
+    except FastTrakError:
+        raise
+    except OSError as error:
+        raise StoreError(
+            f"writing {what} failed: {error}; check the free space and permissions of that "
+            "filesystem"
+        ) from error
+
+
+def _store_errors(method: Callable) -> Callable:
+    """Turn an OS error of a store operation (disk full, permissions, ...) into a
+    StoreError that names the file and the store."""
+
+    @functools.wraps(method)
+    def wrapper(self: DirectoryFiles, key: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, key, *args, **kwargs)
+        except FastTrakError:
+            raise
+        except OSError as error:
+            raise StoreError(
+                f"{method.__name__} {key!r} in the store at {self.root} failed: {error}; "
+                "check the free space and permissions of that filesystem"
+            ) from error
+
+    return wrapper
+
+
 class DirectoryFiles:
     """A store directory on a POSIX filesystem (local disk or NFS)."""
 
@@ -111,11 +146,13 @@ class DirectoryFiles:
             return []
 
     # -------------------------------------------------------------- writing
+    @_store_errors
     def write(self, key: str, data: bytes) -> None:
         """Replace ``key`` atomically."""
         staged = self._stage(data)
         self._replace(staged, self.path(key))
 
+    @_store_errors
     def create(self, key: str, data: bytes) -> bool:
         """Create ``key`` atomically unless it exists; False if it did (nothing written)."""
         staged = self._stage(data)
@@ -124,11 +161,13 @@ class DirectoryFiles:
         finally:
             self._unlink(staged)
 
+    @_store_errors
     def delete(self, key: str) -> None:
         self._check_writable()
         with contextlib.suppress(FileNotFoundError):
             self._unlink(self.path(key))
 
+    @_store_errors
     def delete_tree(self, prefix: str) -> None:
         """Remove a directory: first renamed out of the way (one atomic step that takes it
         out of the store: into staging, or beside itself when staging lies inside it), then
@@ -160,6 +199,7 @@ class DirectoryFiles:
         self._mkdir(self.path(key))
         return key
 
+    @_store_errors
     def publish(self, staged: str, key: str) -> bool:
         """Move the staged directory to ``key`` if that name is free; False (and the staged
         directory removed) if another writer published there first."""
@@ -172,6 +212,7 @@ class DirectoryFiles:
             self._rmtree(self.path(staged))
             return False
 
+    @_store_errors
     def lock(self, key: str, *, shared: bool = False, wait: bool = False) -> Lock | None:
         """Hold a flock on ``key`` (created if needed); None if another process holds a
         conflicting lock and ``wait`` is False. A read-only store has nothing to lock."""

@@ -16,10 +16,12 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from fasttrak.errors import StoreCorruptError
 
-class DamagedRecord(Exception):
-    """A record that is not valid JSON or fails its own checksum (internal; the store turns
-    it into a StoreCorruptError that names the record)."""
+
+class DamagedRecord(StoreCorruptError):
+    """A record that is not valid JSON or fails its own checksum (caught inside the store,
+    which raises a StoreCorruptError that names the record instead)."""
 
 
 def checksum(array: np.ndarray) -> int:

@@ -18,7 +18,7 @@ import zarr
 
 from fasttrak.errors import ScoresExistError, StoreCorruptError, StoreError
 from fasttrak.store.arrays import chunk_grid, new_array, read_whole
-from fasttrak.store.files import DirectoryFiles, held
+from fasttrak.store.files import DirectoryFiles, held, os_errors
 from fasttrak.store.records import DamagedRecord, checksum, decode, encode, seal, unseal
 
 Blocks = Callable[[set[int]], Iterator[tuple[int, slice, np.ndarray]]]
@@ -76,7 +76,8 @@ def _save_locked(
         done = _done_blocks(files, partial)
         for j, columns, block in blocks(set(done)):
             block = np.ascontiguousarray(block, dtype=np.float32)
-            array[:, columns] = block
+            with os_errors(f"block {j} of the scores at {path}"):
+                array[:, columns] = block
             files.create(f"{partial}/blocks/{j}.json", encode({"block": j, "crc": checksum(block)}))
             done[j] = checksum(block)
         grid = [index[1] for index, _ in chunk_grid(shape, chunks)]
