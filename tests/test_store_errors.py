@@ -200,3 +200,32 @@ def test_every_fasttrak_error_is_caught_by_fasttrak_error(tmp_path):
         with pytest.raises(ft.FastTrakError):
             attempt()
     assert json.dumps({"ok": True})
+
+
+def test_a_full_disk_is_a_store_error_and_the_run_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from fasttrak.store.files import DirectoryFiles
+
+    x, y = make_data(40)
+    model = make_mlp()
+    stage = DirectoryFiles._stage
+    calls = []
+
+    def full_after_some(self, data):
+        calls.append(1)
+        if len(calls) > 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return stage(self, data)
+
+    monkeypatch.setattr(DirectoryFiles, "_stage", full_after_some)
+    trak = ft.TRAK(model, proj_dim=8, store=tmp_path / "s", chunk_rows=8, progress=False)
+    with pytest.raises(ft.StoreError, match="No space left on device"):
+        trak.featurize((x, y), checkpoints=[model.state_dict()])
+    monkeypatch.setattr(DirectoryFiles, "_stage", stage)
+    trak.featurize((x, y), checkpoints=[model.state_dict()])
+    fresh = ft.TRAK(model, proj_dim=8, store=tmp_path / "f", chunk_rows=8, progress=False)
+    fresh.featurize((x, y), checkpoints=[model.state_dict()])
+    np.testing.assert_array_equal(
+        trak.store.checkpoint(0).features(), fresh.store.checkpoint(0).features()
+    )
