@@ -1,9 +1,14 @@
 """A small featurize -> finalize -> score -> save run that can die after any store write.
 
-Used by tests/test_store_crash.py in child processes (forkserver): ``crash_run`` stops the
+Used by tests/test_store_crash.py through this script's command line, in a process of its
+own that imports torch once and forks a fresh child for every run: ``crash_run`` stops its
 process with ``os._exit`` right after its N-th write to the store (every file the store's
 file layer or zarr writes, renames or deletes counts); ``resume_run`` runs the pipeline to
-the end in a fresh process and saves what it produced, for bitwise comparison.
+the end in another fresh child and saves what it produced, for bitwise comparison.
+
+    python store_faults.py crash-all WORK VARIANT REPORT.json   # every crash point
+    python store_faults.py slow WORK DELAY                       # for random kill -9
+    python store_faults.py resume WORK OUT.npz                   # finish a killed run
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -174,5 +180,78 @@ def slow_run(work: str, delay: float) -> None:
     scores.save(Path(work) / "scores.zarr")
 
 
+def in_child(function, *args) -> int:
+    """Run ``function(*args)`` in a forked child (a fresh process state: nothing of an
+    earlier run is in memory); its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            function(*args)
+        except BaseException:  # report, then exit with a status the parent can see
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def differences(expected: dict, out: Path) -> list[str]:
+    found = dict(np.load(out))
+    return [
+        name
+        for name, a in expected.items()
+        if name not in found or not np.array_equal(found[name], a)
+    ]
+
+
+def crash_all(work: str, variant: str, report: str) -> None:
+    """Every crash point of the pipeline: crash after write N, resume, compare; for N = 1
+    .. the number of writes of an uninterrupted run. Writes a JSON summary to ``report``."""
+    root = Path(work)
+    reference = root / "reference"
+    reference.mkdir(parents=True)
+    assert in_child(crash_run, str(reference), 10**9, variant) == 0
+    writes = json.loads((reference / "writes.json").read_text())
+    assert in_child(resume_run, str(reference), str(reference / "out.npz"), variant) == 0
+    outcome = json.loads((reference / "out.json").read_text())
+    assert outcome == {"repaired": False, "error": None, "verify": ""}, outcome
+    expected = dict(np.load(reference / "out.npz"))
+    summary = {"total": writes["count"], "identical": 0, "repaired": 0, "failures": []}
+    for n in range(1, writes["count"] + 1):
+        crashed = root / f"crash{n}"
+        crashed.mkdir()
+        what = f"write {n} ({writes['log'][n - 1][:160]})"
+        code = in_child(crash_run, str(crashed), n, variant)
+        if code != CRASH_CODE:
+            summary["failures"].append(f"{what}: the run exited with {code}, not at the write")
+            continue
+        if in_child(resume_run, str(crashed), str(crashed / "out.npz"), variant) != 0:
+            summary["failures"].append(f"{what}: the resumed run failed")
+            continue
+        outcome = json.loads((crashed / "out.json").read_text())
+        wrong = differences(expected, crashed / "out.npz")
+        if wrong or outcome["verify"]:
+            summary["failures"].append(f"{what}: differs in {wrong} {outcome['verify']}")
+        else:
+            summary["repaired" if outcome["repaired"] else "identical"] += 1
+        shutil.rmtree(crashed)
+    summary["log"] = writes["log"]
+    Path(report).write_text(json.dumps(summary))
+
+
 if __name__ == "__main__":
-    slow_run(sys.argv[1], float(sys.argv[2]))
+    command, *arguments = sys.argv[1:]
+    if command == "crash-all":
+        crash_all(*arguments)
+    elif command == "slow":
+        slow_run(arguments[0], float(arguments[1]))
+    elif command == "resume":
+        resume_run(*arguments)
+    else:
+        raise SystemExit(f"unknown command {command}")

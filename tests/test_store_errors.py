@@ -229,3 +229,24 @@ def test_a_full_disk_is_a_store_error_and_the_run_resumes(tmp_path, monkeypatch)
     np.testing.assert_array_equal(
         trak.store.checkpoint(0).features(), fresh.store.checkpoint(0).features()
     )
+
+
+def test_a_store_created_while_another_process_checks_the_path(tmp_path, monkeypatch):
+    """The creation race, made deterministic: another process creates the store while
+    this one is looking at the directory; this one must join it, not call it foreign."""
+    from fasttrak.store import core
+
+    path = tmp_path / "s"
+    listdir = core.os.listdir
+    created = []
+
+    def listdir_while_created(where):
+        if not created:
+            created.append(None)  # the other process runs its own check undisturbed
+            created[0] = ft.TRAK(make_mlp(), proj_dim=8, store=path, progress=False)
+        return listdir(where)
+
+    monkeypatch.setattr(core.os, "listdir", listdir_while_created)
+    path.mkdir()
+    joined = ft.TRAK(make_mlp(), proj_dim=8, store=path, progress=False)
+    assert created and joined.store.store_id == created[0].store.store_id

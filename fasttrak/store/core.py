@@ -702,9 +702,12 @@ def _prepare_location(path: Path) -> None:
         except OSError as error:
             raise StoreError(f"cannot create the store directory {path}: {error}") from error
         return
+    # List first, then look for the run record: the record is the first thing a creator
+    # writes (besides records/staging and records/locks), so if it exists now, whatever the
+    # listing showed belongs to a store that another process was creating meanwhile.
+    entries = set(os.listdir(path))
     if (path / RUN).exists():
         return
-    entries = set(os.listdir(path))
     if "zarr.json" in entries:
         try:
             attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
