@@ -10,9 +10,11 @@ from fasttrak import evaluate, projection, tasks
 from fasttrak.ensembles import DropoutMask, dropout_ensemble
 from fasttrak.errors import (
     CheckpointMismatchError,
+    CheckpointNotFoundError,
     ConfigError,
     ConfigTypeError,
     DataError,
+    DataKeyError,
     DataMismatchError,
     DataTypeError,
     FastTrakError,
@@ -26,6 +28,8 @@ from fasttrak.errors import (
     StoreCorruptError,
     StoreError,
     StoreMismatchError,
+    TaskNotBoundError,
+    UnsupportedModelError,
 )
 from fasttrak.kernel import SaturationWarning
 from fasttrak.scoring import Scores, TopK, soft_threshold
@@ -37,9 +41,11 @@ __version__ = "0.1.0"
 __all__ = [
     "TRAK",
     "CheckpointMismatchError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "ConfigTypeError",
     "DataError",
+    "DataKeyError",
     "DataMismatchError",
     "DataTypeError",
     "FastTrakError",
@@ -55,7 +61,9 @@ __all__ = [
     "StoreCorruptError",
     "StoreError",
     "StoreMismatchError",
+    "TaskNotBoundError",
     "TopK",
+    "UnsupportedModelError",
     "DropoutMask",
     "dropout_ensemble",
     "evaluate",

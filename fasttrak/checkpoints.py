@@ -10,7 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fasttrak.errors import CheckpointMismatchError
+from fasttrak.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ConfigTypeError,
+    MissingDependencyError,
+)
 
 Checkpoint = Mapping[str, Tensor] | str | Path | nn.Module
 
@@ -20,7 +25,15 @@ def load_state(model: nn.Module, checkpoint: Checkpoint | None) -> dict[str, Ten
 
     Paths load with ``torch.load(weights_only=True)`` (``.safetensors`` with safetensors).
     Buffers that a state dict does not hold (non-persistent ones) come from the model.
-    Raises CheckpointMismatchError when names or shapes do not fit the model.
+
+    Floating-point tensors are converted to the dtype of the model's tensor of the same name,
+    as ``nn.Module.load_state_dict`` does when it copies into the model's tensors: a float64
+    or bf16 checkpoint of a float32 model gives float32 tensors (and so the fingerprint of the
+    float32 copy of the same weights). Integer and bool tensors (step counters, token ids...)
+    must have the model's dtype already.
+
+    Raises CheckpointMismatchError when names, shapes or non-floating dtypes do not fit the
+    model; CheckpointNotFoundError for a path that does not exist.
     """
     if checkpoint is None:
         checkpoint = model
@@ -29,7 +42,7 @@ def load_state(model: nn.Module, checkpoint: Checkpoint | None) -> dict[str, Ten
     if isinstance(checkpoint, (str, Path)):
         checkpoint = _load_file(Path(checkpoint))
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(
+        raise ConfigTypeError(
             "a checkpoint must be a state dict, a path or a module, "
             f"got {type(checkpoint).__name__}"
         )
@@ -61,12 +74,31 @@ def load_state(model: nn.Module, checkpoint: Checkpoint | None) -> dict[str, Ten
             + "; ".join(wrong[:5])
             + "; pass a state dict saved from this model architecture"
         )
+    other_dtypes = [
+        f"{k}: checkpoint {checkpoint[k].dtype} vs model {v.dtype}"
+        for k, v in expected.items()
+        if checkpoint[k].dtype != v.dtype
+        and not (checkpoint[k].is_floating_point() and v.is_floating_point())
+    ]
+    if other_dtypes:
+        raise CheckpointMismatchError(
+            "the checkpoint's dtypes do not fit the model: "
+            + "; ".join(other_dtypes[:5])
+            + "; only floating-point tensors are converted to the model's dtype: convert these "
+            "entries first (state[k] = state[k].to(model.state_dict()[k].dtype)) or pass a "
+            "state dict saved from this model"
+        )
     # Tied weights (GPT-2's lm_head.weight is wte.weight) appear under every alias in a state
     # dict; functional_call wants each tensor once, under its first name.
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.named_parameters()
     }
-    state = {k: v.detach().to("cpu") for k, v in checkpoint.items() if k not in aliases}
+    # Floating tensors take the model's dtype, as load_state_dict's copy_ into them would.
+    state = {
+        k: v.detach().to("cpu", expected[k].dtype)
+        for k, v in checkpoint.items()
+        if k not in aliases
+    }
     for name, buffer in model.named_buffers():
         state.setdefault(name, buffer.detach().to("cpu"))
     return state
@@ -84,11 +116,13 @@ def fingerprint(state: Mapping[str, Tensor]) -> str:
 
 def _load_file(path: Path) -> Mapping[str, Any]:
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError as error:
-            raise ImportError("reading .safetensors needs `pip install safetensors`") from error
+            raise MissingDependencyError(
+                "reading .safetensors needs `pip install safetensors`"
+            ) from error
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -94,7 +94,7 @@ def verify(path: Path) -> None:
         raise click.ClickException(str(error)) from error
     click.echo(str(report))
     if not report.ok:
-        raise SystemExit(1)
+        click.get_current_context().exit(1)
 
 
 @main.command()

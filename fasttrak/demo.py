@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import fasttrak as ft
+from fasttrak.errors import ConfigError, DataError, MissingDependencyError
 from fasttrak.evaluate import LDSResult
 from fasttrak.tasks.classification import margin_from_logits
 
@@ -74,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 1e-3
 
 
-class DemoOptionsError(ValueError):
+class DemoOptionsError(ConfigError):
     """``out_dir`` holds a demo run made with other options."""
 
 
@@ -105,10 +106,12 @@ def load_data(num_targets: int = 300, seed: int = 0, num_train: int = NUM_TRAIN)
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("the demo needs scikit-learn: pip install fasttrak[demo]") from error
+        raise MissingDependencyError(
+            "the demo needs scikit-learn: pip install fasttrak[demo]"
+        ) from error
     x, y = load_digits(return_X_y=True)
     if num_train < 1 or num_targets < 1 or num_train + num_targets > len(x):
-        raise ValueError(
+        raise ConfigError(
             f"need 1 <= num_train, 1 <= num_targets and num_train + num_targets <= {len(x)}, "
             f"got num_train={num_train}, num_targets={num_targets}"
         )
@@ -149,7 +152,7 @@ def train(
     """
     mask_t = torch.as_tensor(np.asarray(mask, dtype=bool))
     if mask_t.shape != (data.num_train,):
-        raise ValueError(f"mask must have shape ({data.num_train},), got {tuple(mask_t.shape)}")
+        raise DataError(f"mask must have shape ({data.num_train},), got {tuple(mask_t.shape)}")
     x, y = data.x_train[mask_t], data.y_train[mask_t]
     with torch_threads(1):
         torch.manual_seed(seed)

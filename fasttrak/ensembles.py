@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fasttrak.checkpoints import Checkpoint
+from fasttrak.errors import ConfigError
 from fasttrak.projection.dense import projection_seed
 
 
@@ -33,7 +34,7 @@ class DropoutMask:
 def dropout_ensemble(checkpoint: Checkpoint, size: int) -> list[DropoutMask]:
     """``size`` members of a dropout-mask ensemble of ``checkpoint`` (masks 0 .. size-1)."""
     if size < 1:
-        raise ValueError(f"a dropout ensemble needs size >= 1, got {size}")
+        raise ConfigError(f"a dropout ensemble needs size >= 1, got {size}")
     return [DropoutMask(checkpoint, j) for j in range(size)]
 
 
@@ -54,7 +55,7 @@ def fixed_dropout(model: nn.Module, mask: int | None, seed: int) -> Iterator[Non
         return
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             "dropout_ensemble needs a model with nn.Dropout layers (p > 0); this model has "
             "none: pass independently trained models or checkpoints instead"
         )

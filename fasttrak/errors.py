@@ -27,8 +27,27 @@ class DataTypeError(FastTrakError, TypeError):
     """The data is of a kind fasttrak cannot read (an iterable dataset, a batch of strings)."""
 
 
+class DataKeyError(FastTrakError, KeyError):
+    """A batch (a dict) lacks a key the task needs; the message names the keys it has."""
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument (quoted); show the message as written.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
 class MissingDependencyError(FastTrakError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+# ---------------------------------------------------------------- models and tasks
+class UnsupportedModelError(FastTrakError, RuntimeError):
+    """The gradient engine cannot run this model as it is (reentrant gradient checkpointing,
+    control flow vmap cannot trace); the message names the engine or ``params=`` that works."""
+
+
+class TaskNotBoundError(FastTrakError, RuntimeError):
+    """A task that needs per-checkpoint state (CLIP's negative embeddings) was used before
+    ``task.bind(model)``."""
 
 
 # ---------------------------------------------------------------- numerics
@@ -43,6 +62,10 @@ class NumericalError(FastTrakError, FloatingPointError):
 # ---------------------------------------------------------------- checkpoints and runs
 class CheckpointMismatchError(FastTrakError, ValueError):
     """A checkpoint does not fit the model, or is not the checkpoint the store was built with."""
+
+
+class CheckpointNotFoundError(FastTrakError, FileNotFoundError):
+    """A checkpoint path does not exist."""
 
 
 class NotFeaturizedError(FastTrakError, RuntimeError):

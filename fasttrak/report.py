@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fasttrak.errors import DataError, MissingDependencyError
 from fasttrak.scoring import TopK
 
 
@@ -20,7 +21,9 @@ def _agg_figure(**kwargs: Any) -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError("drawing figures needs matplotlib: pip install fasttrak[viz]") from error
+        raise MissingDependencyError(
+            "drawing figures needs matplotlib: pip install fasttrak[viz]"
+        ) from error
     fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
     return fig
@@ -45,7 +48,7 @@ def plot_top_attributions(
     """
     num_targets = len(target_images)
     if topk.proponents.shape[0] != num_targets or len(target_labels) != num_targets:
-        raise ValueError(
+        raise DataError(
             f"{num_targets} target images, {len(target_labels)} labels and "
             f"{topk.proponents.shape[0]} topk rows: they must match (one row per target)"
         )

@@ -8,8 +8,8 @@ import torch
 from conftest import loop_gradients, make_data, make_mlp
 
 import fasttrak as ft
-from fasttrak.store import complete_records
 from fasttrak.gradients import select_parameters
+from fasttrak.store import complete_records
 
 
 def closed_form(models, x_train, y_train, x_target, y_target, ridge):

@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import rankdata
 
+from fasttrak.errors import DataError, DataTypeError
 from fasttrak.evaluate.subsets import _check_masks
 
 _BLOCK_ELEMENTS = 1 << 24  # float64 mask elements converted at once (128 MiB)
@@ -58,22 +59,22 @@ def lds(scores: ArrayLike, masks: ArrayLike, outputs: ArrayLike) -> LDSResult:
     num_subsets = masks_arr.shape[0]
 
     if masks_arr.shape[1] != n_train:
-        raise ValueError(
+        raise DataError(
             f"masks has {masks_arr.shape[1]} columns but scores has {n_train} train examples; "
             "masks must be (num_subsets, n_train) and scores (n_targets, n_train)"
         )
     if outputs_arr.shape[0] != num_subsets:
-        raise ValueError(
+        raise DataError(
             f"outputs has {outputs_arr.shape[0]} rows but masks has {num_subsets} subsets; "
             "outputs must be (num_subsets, n_targets), one row per mask row"
         )
     if outputs_arr.shape[1] != n_targets:
-        raise ValueError(
+        raise DataError(
             f"outputs has {outputs_arr.shape[1]} columns but scores has {n_targets} targets; "
             "outputs must be (num_subsets, n_targets) (transpose it if it is the other way round)"
         )
     if num_subsets < 2:
-        raise ValueError(
+        raise DataError(
             f"LDS needs at least 2 subsets to rank, got {num_subsets}; sample more subsets"
         )
 
@@ -83,7 +84,7 @@ def lds(scores: ArrayLike, masks: ArrayLike, outputs: ArrayLike) -> LDSResult:
     valid = ~(bad_pred | bad_true)
     num_valid = int(valid.sum())
     if num_valid == 0:
-        raise ValueError(
+        raise DataError(
             f"LDS is undefined for all {n_targets} targets: {int(bad_pred.sum())} have constant "
             f"or non-finite predicted outputs (check scores for NaN / all-equal rows) and "
             f"{int(bad_true.sum())} have constant or non-finite true outputs (check outputs)"
@@ -102,9 +103,11 @@ def _as_float_matrix(name: str, value: ArrayLike, expected: str) -> np.ndarray:
     """Return ``value`` as a 2-D float64 array, raising if it is not numeric and 2-D."""
     arr = np.asarray(value)
     if arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a real numeric array {expected}, got dtype {arr.dtype}")
+        raise DataTypeError(
+            f"{name} must be a real numeric array {expected}, got dtype {arr.dtype}"
+        )
     if arr.ndim != 2:
-        raise ValueError(
+        raise DataError(
             f"{name} must be 2-D {expected}, got shape {arr.shape}"
             + ("; use .reshape(-1, 1) for a single target" if arr.ndim == 1 else "")
         )

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from fasttrak.errors import ConfigError, ConfigTypeError, DataError, DataTypeError
 from fasttrak.evaluate.subsets import _check_int, _check_masks
 
 FORMAT_VERSION = 1
@@ -50,14 +51,16 @@ def retrain(
     float64.
     """
     if not callable(train_fn):
-        raise TypeError(f"train_fn must be callable (mask, seed) -> outputs, got {train_fn!r}")
+        raise ConfigTypeError(
+            f"train_fn must be callable (mask, seed) -> outputs, got {train_fn!r}"
+        )
     masks_arr = _check_masks(masks)
     seeds_per_subset = _check_int("seeds_per_subset", seeds_per_subset, minimum=1)
     if not isinstance(key, str):
-        raise TypeError(f"key must be a str, got {type(key).__name__}")
+        raise ConfigTypeError(f"key must be a str, got {type(key).__name__}")
     num_subsets, n = masks_arr.shape
     if num_subsets == 0 or n == 0:
-        raise ValueError(
+        raise DataError(
             f"masks must have at least one subset and one example, got {masks_arr.shape}"
         )
 
@@ -102,28 +105,30 @@ def _as_output(
         value = value.detach().to(device="cpu", dtype=torch.float64).numpy()
     arr = np.asarray(value)
     if arr.dtype.kind not in "biuf":
-        raise TypeError(f"{where} returned dtype {arr.dtype}; return a numeric array (n_targets,)")
+        raise DataTypeError(
+            f"{where} returned dtype {arr.dtype}; return a numeric array (n_targets,)"
+        )
     if arr.ndim != 1:
-        raise ValueError(
+        raise DataError(
             f"{where} returned shape {arr.shape}; return a 1-D array (n_targets,)"
             + (" (use .reshape(1) for a single target)" if arr.ndim == 0 else "")
         )
     arr = arr.astype(np.float64)
     if n_targets is not None and arr.shape[0] != n_targets:
         if cache is not None:
-            raise ValueError(
+            raise DataError(
                 f"{where} returned {arr.shape[0]} outputs but the cache in {cache.dir} holds "
                 f"{n_targets} per subset; use another cache_dir or delete it"
             )
-        raise ValueError(
+        raise DataError(
             f"{where} returned {arr.shape[0]} outputs but earlier calls returned {n_targets}; "
             "train_fn must return the same number of targets every time"
         )
     if arr.shape[0] == 0:
-        raise ValueError(f"{where} returned an empty array; return one output per target")
+        raise DataError(f"{where} returned an empty array; return one output per target")
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
-        raise ValueError(
+        raise DataError(
             f"{where} returned {bad} non-finite value(s) (NaN/inf); check that training "
             "converged on this subset"
         )
@@ -154,7 +159,7 @@ class _Cache:
                 if manifest.get(name) != value
             ]
             if diffs:
-                raise ValueError(
+                raise ConfigError(
                     f"retrain cache {self.dir} was made for another request ("
                     + "; ".join(diffs)
                     + "); use another cache_dir or delete it"
@@ -162,7 +167,7 @@ class _Cache:
             self.n_targets: int | None = manifest.get("n_targets")
         else:
             if any(self.dir.glob("subset_*.npy")):
-                raise ValueError(
+                raise DataError(
                     f"retrain cache {self.dir} holds subset files but no {MANIFEST_NAME}; "
                     "use another cache_dir or delete it"
                 )
@@ -182,10 +187,10 @@ class _Cache:
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read cached {path} ({err}); delete that file") from err
+            raise DataError(f"cannot read cached {path} ({err}); delete that file") from err
         expected = (self.seeds_per_subset, self.n_targets)
         if arr.shape != expected or not np.isfinite(arr).all():
-            raise ValueError(
+            raise DataError(
                 f"cached {path} has shape {arr.shape} (expected {expected}, all finite); "
                 "delete that file"
             )
@@ -204,13 +209,11 @@ class _Cache:
         try:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(
+            raise DataError(
                 f"cannot read {path} ({err}); use another cache_dir or delete it"
             ) from err
         if not isinstance(manifest, dict):
-            raise ValueError(
-                f"{path} is not a retrain manifest; use another cache_dir or delete it"
-            )
+            raise DataError(f"{path} is not a retrain manifest; use another cache_dir or delete it")
         return manifest
 
     def _write_manifest(self) -> None:

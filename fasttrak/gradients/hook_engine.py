@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_map
 
+from fasttrak.errors import ConfigError, ConfigTypeError, UnsupportedModelError
 from fasttrak.tasks.base import Forward, Task
 
 
@@ -143,7 +144,7 @@ class HookGradients:
         params = {n: t.detach() for n, t in state.items()}
         for name in self.selected:
             if not params[name].is_floating_point():
-                raise TypeError(
+                raise ConfigTypeError(
                     f"parameter {name!r} is not a float tensor; exclude it with params="
                 )
             params[name] = params[name].requires_grad_(True)
@@ -166,9 +167,9 @@ class HookGradients:
                 f = self.task.output(forward, batch)
                 if not isinstance(f, Tensor) or f.shape != (size,):
                     shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-                    raise ValueError(f"task.output returned {shape}, expected shape ({size},)")
+                    raise ConfigError(f"task.output returned {shape}, expected shape ({size},)")
                 if not f.requires_grad:
-                    raise ValueError(
+                    raise ConfigError(
                         "the task's output does not depend on the selected parameters; check "
                         "params= and that task.output uses the model's output"
                     )
@@ -213,7 +214,7 @@ class HookGradients:
             if self._replaying:
                 return
             if not isinstance(output, Tensor):
-                raise TypeError(
+                raise ConfigTypeError(
                     f"layer {layer.name!r} ({type(module).__name__}) returns "
                     f"{type(output).__name__}, not a tensor; the hook engine handles parameters "
                     "of layers that return one tensor: exclude its parameters with params= or "
@@ -222,7 +223,7 @@ class HookGradients:
             if not output.requires_grad:
                 # Its selected parameters require grad, so the layer ran under no_grad: the
                 # first pass of reentrant checkpointing, which recomputes outside the engine.
-                raise RuntimeError(
+                raise UnsupportedModelError(
                     f"layer {layer.name!r} ran without autograd (torch.no_grad inside the "
                     "model, or reentrant gradient checkpointing, use_reentrant=True); the hook "
                     "engine needs non-reentrant checkpointing: torch.utils.checkpoint(..., "
@@ -268,7 +269,7 @@ class HookGradients:
         grad = call.grad
         assert grad is not None
         if grad.shape[0] != size:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {layer.name!r}: dimension 0 of its output is {grad.shape[0]}, not the "
                 f"batch size {size}; the hook engine needs layers applied with the batch first "
                 "(use engine='vmap' for models that reshape the batch dimension away)"
@@ -301,7 +302,7 @@ class HookGradients:
             out["bias"] = g.sum(1)
         unknown = set(layer.params) - {"weight", "bias"}
         if unknown:
-            raise ValueError(f"layer {layer.name!r} has unexpected parameters {sorted(unknown)}")
+            raise ConfigError(f"layer {layer.name!r} has unexpected parameters {sorted(unknown)}")
         return out
 
     @staticmethod
@@ -370,7 +371,7 @@ class HookGradients:
                 f, inputs, eye, retain_graph=True, is_grads_batched=True, allow_unused=True
             )
         except RuntimeError as error:
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 f"the hook engine could not differentiate {names}, which the model uses "
                 "outside batch-first layers; exclude them with params= or use engine='vmap'"
             ) from error
@@ -447,7 +448,7 @@ def check_examples_independent(task: Task, forward: Forward, batch: Any) -> None
     scale = whole[finite].abs().max().clamp_min(1.0) if finite.any() else torch.tensor(1.0)
     gap = (whole[finite] - parts[finite]).abs().max() if finite.any() else torch.tensor(0.0)
     if not same_pattern or gap > 1e-3 * scale:
-        raise ValueError(
+        raise ConfigError(
             f"examples interact in the model's forward pass: the outputs of a batch differ "
             f"from those of its halves by {float(gap):.3g} (e.g. BatchNorm in train mode, "
             "batch-level normalisation, or a batch-mixing layer). The hook engine and the "

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fasttrak.errors import ConfigError
 from fasttrak.gradients.hook_engine import batchless_layers, is_hf_conv1d
 from fasttrak.tasks.base import Task
 
@@ -90,7 +91,7 @@ def layer_spec(model: nn.Module, name: str, selected: Sequence[str]) -> LayerSpe
     weight = f"{prefix}weight" if f"{prefix}weight" in chosen else None
     bias = f"{prefix}bias" if f"{prefix}bias" in chosen else None
     if weight is None and bias is None:
-        raise ValueError(f"layer {name!r} has no selected parameter")
+        raise ConfigError(f"layer {name!r} has no selected parameter")
     extra = 1 if bias is not None else 0
     if isinstance(module, nn.Linear):
         d_act = module.in_features if weight is not None else 0
@@ -102,7 +103,7 @@ def layer_spec(model: nn.Module, name: str, selected: Sequence[str]) -> LayerSpe
         return LayerSpec(name, "conv1d", weight, bias, d_act + extra, module.weight.shape[1])
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {name!r} is a grouped convolution (groups={module.groups}); the "
                 "factored projection supports groups=1 only: exclude it with params= or use "
                 "another projector"
@@ -112,14 +113,14 @@ def layer_spec(model: nn.Module, name: str, selected: Sequence[str]) -> LayerSpe
         return LayerSpec(name, "conv2d", weight, bias, d_act + extra, module.out_channels)
     if isinstance(module, nn.Embedding):
         if module.scale_grad_by_freq or module.max_norm is not None or module.sparse:
-            raise ValueError(
+            raise ConfigError(
                 f"embedding {name!r} uses scale_grad_by_freq, max_norm or sparse gradients, "
                 "which the factored projection does not support: exclude it with params="
             )
         return LayerSpec(
             name, "embedding", weight, None, module.num_embeddings, module.embedding_dim
         )
-    raise ValueError(
+    raise ConfigError(
         f"layer {name!r} is a {type(module).__name__}; the factored projection covers "
         "nn.Linear, nn.Conv2d, nn.Embedding and Hugging Face Conv1D"
     )
@@ -153,7 +154,7 @@ class FactoredFeatures:
         self.p_out = p_out
         for layer in self.layers:
             if p_in[layer.name].shape[0] != layer.d_in or p_out[layer.name].shape[0] != layer.d_out:
-                raise ValueError(
+                raise ConfigError(
                     f"projection of layer {layer.name!r} has shapes "
                     f"{tuple(p_in[layer.name].shape)}, {tuple(p_out[layer.name].shape)}; "
                     f"expected ({layer.d_in}, k_in), ({layer.d_out}, k_out)"
@@ -184,7 +185,7 @@ class FactoredFeatures:
             modules = {ly.name: self.model.get_submodule(ly.name) for ly in self.layers}
             batchless = sorted(batchless_layers(modules, self.task, forward, batch))
             if batchless:
-                raise ValueError(
+                raise ConfigError(
                     f"layers {batchless} compute one output for the whole batch (no batch "
                     "dimension, e.g. T5's relative position bias); the factored projection "
                     "needs per-example layer outputs: exclude their parameters with params= "
@@ -215,7 +216,7 @@ class FactoredFeatures:
             with torch.enable_grad():
                 f = self.task.output(forward, batch)
                 if f.shape != (size,):
-                    raise ValueError(
+                    raise ConfigError(
                         f"task.output returned shape {tuple(f.shape)}, expected ({size},)"
                     )
                 outputs = [out for ly in self.layers for _, out in calls[ly.name]]
@@ -249,7 +250,7 @@ class FactoredFeatures:
         p_in = self.p_in[layer.name]
         p_out = self.p_out[layer.name]
         if inp.shape[0] != size or grad.shape[0] != size:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {layer.name!r}: dimension 0 of its input/output is "
                 f"{inp.shape[0]}/{grad.shape[0]}, not the batch size {size}; the factored "
                 "projection needs layers applied per example with the batch first (a layer "

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from fasttrak.errors import ConfigError, ConfigTypeError
+
 ParamSpec = str | nn.Module | type | Iterable[str | nn.Module | type] | None
 """None (every trainable parameter), a name or glob ("fc.*"), ``"lora"`` (every LoRA adapter
 matrix of a PEFT model), a submodule, a module type (nn.Linear), an exclusion ("!fc.bias",
@@ -34,7 +36,7 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
         else list(params)
     )
     if params is not None and not items:
-        raise ValueError("params= is an empty list; pass None to use every trainable parameter")
+        raise ConfigError("params= is an empty list; pass None to use every trainable parameter")
     excludes = [i[1:] for i in items if isinstance(i, str) and i.startswith("!")]
     includes = [i for i in items if not (isinstance(i, str) and i.startswith("!"))]
     available = ", ".join(list(named)[:12]) + (" ..." if len(named) > 12 else "")
@@ -43,7 +45,7 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
         for item in includes:
             matched = _match(model, named, item)
             if not matched:
-                raise ValueError(
+                raise ConfigError(
                     f"params= entry {item!r} matches no parameter of the model; "
                     f"parameter names are: {available}"
                 )
@@ -51,20 +53,20 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
     else:
         chosen = {name for name, p in named.items() if p.requires_grad}
         if not chosen:
-            raise ValueError(
+            raise ConfigError(
                 "the model has no parameter with requires_grad=True; pass params= to choose "
                 "which parameters to attribute through"
             )
     for pattern in excludes:
         dropped = _match(model, named, pattern)
         if not dropped:
-            raise ValueError(
+            raise ConfigError(
                 f"params= exclusion '!{pattern}' matches no parameter of the model; "
                 f"parameter names are: {available}"
             )
         chosen -= dropped
     if not chosen:
-        raise ValueError(f"params= {params!r} leaves no parameter to differentiate")
+        raise ConfigError(f"params= {params!r} leaves no parameter to differentiate")
     return [name for name in named if name in chosen]
 
 
@@ -72,7 +74,7 @@ def _match(model: nn.Module, named: dict[str, nn.Parameter], item: object) -> se
     if item == LORA:
         found = {name for name in named if ".lora_" in f".{name}"}
         if not found:
-            raise ValueError(
+            raise ConfigError(
                 'params="lora" selects PEFT LoRA adapters, but the model has no parameter named '
                 "lora_*; wrap it with peft.get_peft_model(model, LoraConfig(...)) first"
             )
@@ -89,7 +91,7 @@ def _match(model: nn.Module, named: dict[str, nn.Parameter], item: object) -> se
     if isinstance(item, nn.Module):
         ids = {id(p) for p in item.parameters()}
         return {name for name, p in named.items() if id(p) in ids}
-    raise TypeError(
+    raise ConfigTypeError(
         "params= entries must be names/globs, submodules or module types, "
         f"got {type(item).__name__}"
     )

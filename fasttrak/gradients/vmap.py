@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
+from fasttrak.errors import UnsupportedModelError
 from fasttrak.tasks.base import Task
 
 
@@ -55,7 +56,7 @@ class VmapGradients:
         except RuntimeError as error:
             if "data-dependent control flow" not in str(error) and "vmap" not in str(error):
                 raise
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 "the vmap engine cannot run this model under torch.func.vmap (e.g. Hugging Face "
                 "attention masks use data-dependent control flow); use engine='hooks', which "
                 f"runs unmodified models with one batched forward and backward. vmap said: {error}"

@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from fasttrak.errors import ConfigError, ConfigTypeError
+
 
 @runtime_checkable
 class Projector(Protocol):
@@ -66,18 +68,18 @@ def resolve_projector(projector: str | ProjectorConfig) -> ProjectorConfig:
     }
     if isinstance(projector, str):
         if projector not in by_name:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown projector {projector!r}; choose one of {sorted(by_name)} "
                 "or pass a configured instance such as ft.projection.Dense(distribution='gaussian')"
             )
         return by_name[projector]
     if isinstance(projector, type):
-        raise TypeError(
+        raise ConfigTypeError(
             f"projector={projector.__name__} is a class; pass an instance, "
             f"e.g. projector={projector.__name__}()"
         )
     if not isinstance(projector, ProjectorConfig):
-        raise TypeError(
+        raise ConfigTypeError(
             f"projector must be a name or a projector config, got {type(projector).__name__}"
         )
     return projector

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from fasttrak.errors import ConfigError, DataError
+
 TILE_ROWS = 1024
 """Parameter coordinates per independently seeded tile of P (part of the projection's identity)."""
 
@@ -42,7 +44,7 @@ def generate_tile(rows: int, k: int, distribution: Distribution, seed: int) -> T
     elif distribution == "gaussian":
         tile = torch.randn((rows, k), generator=gen).mul_(1.0 / math.sqrt(k))
     else:
-        raise ValueError(f"unknown distribution {distribution!r}; use 'rademacher' or 'gaussian'")
+        raise ConfigError(f"unknown distribution {distribution!r}; use 'rademacher' or 'gaussian'")
     return tile
 
 
@@ -76,7 +78,7 @@ class DenseProjector:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError(f"proj_dim must be >= 1, got {self.k}")
+            raise ConfigError(f"proj_dim must be >= 1, got {self.k}")
         self.device = torch.device(self.device)
         self.num_params = sum(self.param_numels.values())
         self._tiles: list[_Tile] = []
@@ -117,10 +119,10 @@ class DenseProjector:
         by block into one reused buffer of at most ``cache_bytes``."""
         parts = [grads] if isinstance(grads, Tensor) else list(grads)
         if not parts:
-            raise ValueError("project() got no gradient blocks; pass (B, p) gradients")
+            raise DataError("project() got no gradient blocks; pass (B, p) gradients")
         if any(g.ndim != 2 for g in parts) or sum(g.shape[1] for g in parts) != self.num_params:
             shapes = [tuple(g.shape) for g in parts]
-            raise ValueError(f"expected gradients of shape (B, {self.num_params}), got {shapes}")
+            raise DataError(f"expected gradients of shape (B, {self.num_params}), got {shapes}")
         rows = parts[0].shape[0]
         out = torch.zeros((rows, self.k), dtype=torch.float32, device=self.device)
         if self.cached:
@@ -167,7 +169,7 @@ class Dense:
 
     def __post_init__(self) -> None:
         if self.distribution not in ("rademacher", "gaussian"):
-            raise ValueError(
+            raise ConfigError(
                 f"unknown distribution {self.distribution!r}; use 'rademacher' or 'gaussian'"
             )
 

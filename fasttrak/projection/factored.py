@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fasttrak.errors import ConfigError, ConfigTypeError
 from fasttrak.gradients.hooks import FactoredFeatures, LayerSpec, is_covered, layer_spec
 from fasttrak.projection.dense import TILE_ROWS, generate_tile, projection_seed
 from fasttrak.tasks.base import Task
@@ -90,7 +91,7 @@ class FactoredProjector:
         return torch.kron(self.p_out[name], self.p_in[name])
 
     def project(self, grads: Any) -> Tensor:
-        raise TypeError(
+        raise ConfigTypeError(
             "the factored projector does not project gradients; call "
             "FactoredProjector.features(model, task, state, batch)"
         )
@@ -119,11 +120,11 @@ class Factored:
 
     def __post_init__(self) -> None:
         if self.others not in ("error", "exclude"):
-            raise ValueError(f"others must be 'error' or 'exclude', got {self.others!r}")
+            raise ConfigError(f"others must be 'error' or 'exclude', got {self.others!r}")
         for name in ("k_in", "k_out"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+                raise ConfigError(f"{name} must be a positive int or None, got {value!r}")
 
     # ------------------------------------------------------------------ layers
     def _split(self, model: nn.Module, selected: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -136,7 +137,7 @@ class Factored:
                 shared.add(name)
         tied = sorted(shared & chosen)
         if tied:
-            raise ValueError(
+            raise ConfigError(
                 f"parameters {tied} are tied (used by several layers, like GPT-2's wte and "
                 "lm_head); the factored projection covers one layer per parameter: exclude them "
                 "with params=, or use projector='srht' (any projector of per-example gradients)"
@@ -160,7 +161,7 @@ class Factored:
         ``others="error"``, and when no layer is covered."""
         covered, outside = self._split(model, selected)
         if outside and self.others == "error":
-            raise ValueError(
+            raise ConfigError(
                 "the factored projection covers nn.Linear, nn.Conv2d, nn.Embedding and HF Conv1D "
                 "layers, "
                 f"but these selected parameters are outside them: {outside}; exclude them with "
@@ -168,7 +169,7 @@ class Factored:
                 "projector=Factored(others='exclude') to drop them from the attribution"
             )
         if not covered:
-            raise ValueError(
+            raise ConfigError(
                 "no selected parameter belongs to an nn.Linear, nn.Conv2d, nn.Embedding or Conv1D "
                 "layer; the factored projection has nothing to project"
             )
@@ -189,7 +190,7 @@ class Factored:
     def dims(self, num_layers: int, proj_dim: int) -> tuple[int, int]:
         """(k_in, k_out) for every layer."""
         if proj_dim < 1:
-            raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
+            raise ConfigError(f"proj_dim must be >= 1, got {proj_dim}")
         if self.k_in is not None and self.k_out is not None:
             return self.k_in, self.k_out
         if self.k_in is not None:
@@ -254,12 +255,14 @@ class Factored:
 
     # The gradient-projector protocol cannot express a model-dependent projection.
     def output_dim(self, k: int, num_params: int) -> int:
-        raise TypeError("Factored needs the model: call output_dim_for(model, selected, proj_dim)")
+        raise ConfigTypeError(
+            "Factored needs the model: call output_dim_for(model, selected, proj_dim)"
+        )
 
     def build(
         self, param_numels: dict[str, int], k: int, seed: int, model_id: int, device: torch.device
     ) -> FactoredProjector:
-        raise TypeError(
+        raise ConfigTypeError(
             "Factored needs the model: call build_factored(model, selected, proj_dim, seed, "
             "model_id, device)"
         )

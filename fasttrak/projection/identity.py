@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fasttrak.errors import DataError
+
 
 @dataclass(frozen=True)
 class IdentityProjector:
@@ -20,7 +22,7 @@ class IdentityProjector:
         if not isinstance(grads, Tensor):
             grads = torch.cat(list(grads), dim=1)
         if grads.shape[1] != self.k:
-            raise ValueError(
+            raise DataError(
                 f"identity projector expects {self.k} gradient columns, got {grads.shape[1]}"
             )
         return grads.float()

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fasttrak.errors import ConfigError, DataError
 from fasttrak.projection.dense import TILE_ROWS, projection_seed
 
 _COLUMNS = 2**20
@@ -69,9 +70,9 @@ class SJLTProjector:
     def __post_init__(self) -> None:
         _check_s(self.s)
         if self.k < 1:
-            raise ValueError(f"proj_dim must be >= 1, got {self.k}")
+            raise ConfigError(f"proj_dim must be >= 1, got {self.k}")
         if self.s > self.k:
-            raise ValueError(
+            raise ConfigError(
                 f"SJLT(s={self.s}) hashes every coordinate to s distinct outputs, so it needs "
                 f"proj_dim >= s; got proj_dim={self.k}: lower s or raise proj_dim"
             )
@@ -120,20 +121,20 @@ class SJLTProjector:
 
 def _check_s(s: int) -> None:
     if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-        raise ValueError(
+        raise ConfigError(
             f"SJLT(s=...) is the number of nonzeros per coordinate, an int >= 1; got {s!r}"
         )
 
 
 def _check_blocks(blocks: list[Tensor], num_params: int) -> None:
     if not blocks:
-        raise ValueError(f"expected gradients of shape (B, {num_params}), got an empty list")
+        raise DataError(f"expected gradients of shape (B, {num_params}), got an empty list")
     if any(b.ndim != 2 or b.shape[0] != blocks[0].shape[0] for b in blocks):
         shapes = [tuple(b.shape) for b in blocks]
-        raise ValueError(f"expected 2-D gradient blocks (B, p_i) with the same B, got {shapes}")
+        raise DataError(f"expected 2-D gradient blocks (B, p_i) with the same B, got {shapes}")
     width = sum(b.shape[1] for b in blocks)
     if width != num_params:
-        raise ValueError(
+        raise DataError(
             f"expected gradients of shape (B, {num_params}) (or blocks whose widths sum to "
             f"{num_params}), got width {width}: build the projector with the same parameters "
             "as the gradients"

@@ -73,6 +73,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fasttrak.errors import ConfigError, DataError
 from fasttrak.projection.dense import TILE_ROWS, projection_seed
 from fasttrak.projection.sjlt import _check_blocks
 
@@ -88,7 +89,7 @@ def hadamard(n: int, device: torch.device | str = "cpu") -> Tensor:
         while h.shape[0] < n:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         if h.shape[0] != n:
-            raise ValueError(f"the Hadamard size must be a power of two, got {n}")
+            raise ConfigError(f"the Hadamard size must be a power of two, got {n}")
         _HADAMARD[key] = h.to(device)
     return _HADAMARD[key]
 
@@ -104,7 +105,7 @@ def fwht(x: Tensor, radix: int = 16) -> Tensor:
     memory-bound); matmul flops are 2r per coordinate and pass.
     """
     if x.ndim != 2:
-        raise ValueError(f"fwht expects a 2-D (N, b) tensor, got shape {tuple(x.shape)}")
+        raise DataError(f"fwht expects a 2-D (N, b) tensor, got shape {tuple(x.shape)}")
     src = x.clone(memory_format=torch.contiguous_format)
     return _fwht_pair(src, torch.empty_like(src), radix)
 
@@ -116,9 +117,9 @@ def _fwht_pair(src: Tensor, spare: Tensor, radix: int) -> Tensor:
     n, b = src.shape
     bits = b.bit_length() - 1
     if b < 1 or 1 << bits != b:
-        raise ValueError(f"fwht needs a power-of-two length, got {b}")
+        raise DataError(f"fwht needs a power-of-two length, got {b}")
     if radix < 2 or radix & (radix - 1):
-        raise ValueError(f"fwht radix must be a power of two >= 2, got {radix}")
+        raise ConfigError(f"fwht radix must be a power of two >= 2, got {radix}")
     dst = spare
     if radix == 2:
         h = 1
@@ -214,7 +215,7 @@ class SRHTProjector:
     def __post_init__(self) -> None:
         _check_block_size(self.block_size)
         if self.k < 1:
-            raise ValueError(f"proj_dim must be >= 1, got {self.k}")
+            raise ConfigError(f"proj_dim must be >= 1, got {self.k}")
         self.device = torch.device(self.device)
         if self.radix is None:
             self.radix = 32 if self.device.type == "cpu" else 2
@@ -397,7 +398,7 @@ def _check_block_size(block_size: int) -> None:
         or block_size < 1
         or block_size & (block_size - 1)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"SRHT(block_size=...) must be a power of two such as 2**16, got {block_size!r}"
         )
 

@@ -39,6 +39,10 @@ STAGING = "records/staging"
 """Where files and directories are prepared before they are linked or moved into place."""
 
 
+class TargetExistsError(StoreError, FileExistsError):
+    """A publish or exclusive rename found its target taken (caught inside the store)."""
+
+
 class Lock(Protocol):
     def release(self) -> None: ...
 
@@ -263,12 +267,12 @@ class DirectoryFiles:
 
     def _rename(self, source: Path, target: Path, exclusive: bool = False) -> None:
         if exclusive and target.exists():
-            raise FileExistsError(target)
+            raise TargetExistsError(target)
         try:
             os.rename(source, target)  # a non-empty directory at target is never replaced
         except OSError as error:
             if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise FileExistsError(target) from error
+                raise TargetExistsError(target) from error
             raise
 
     def _unlink(self, path: Path) -> None:

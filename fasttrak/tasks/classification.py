@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fasttrak.errors import ConfigError, DataError, DataTypeError
 from fasttrak.tasks.base import Forward
 
 
@@ -37,29 +38,29 @@ class ImageClassification:
 
     def check_batch(self, batch: Any) -> None:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(
+            raise DataTypeError(
                 f"{self.name}: a batch must be a pair (inputs, labels), got {type(batch).__name__}"
                 f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}; "
                 "make your dataset return (input, label) items"
             )
         inputs, labels = batch
         if not isinstance(labels, Tensor):
-            raise TypeError(
+            raise DataTypeError(
                 f"{self.name}: labels must be a torch.Tensor, got {type(labels).__name__}; "
                 "return labels as Python ints or tensors from your dataset"
             )
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(
+            raise DataTypeError(
                 f"{self.name}: labels have dtype {labels.dtype}, expected an integer class index; "
                 "convert them with labels.long() (one-hot or soft labels are not supported)"
             )
         if labels.ndim != 1:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: labels must have shape (B,), got {tuple(labels.shape)}; "
                 "pass class indices, not one-hot vectors (use labels.argmax(-1))"
             )
         if isinstance(inputs, Tensor) and inputs.shape[0] != labels.shape[0]:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: {inputs.shape[0]} inputs but {labels.shape[0]} labels in a batch"
             )
 
@@ -70,12 +71,14 @@ class ImageClassification:
         logits = forward(inputs)
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: the model must return logits of shape (B, C), got {shape}; "
                 "wrap the model so that forward(inputs) returns the logits"
             )
         if logits.shape[1] < 2:
-            raise ValueError(f"{self.name}: need at least 2 classes, model gives {logits.shape[1]}")
+            raise ConfigError(
+                f"{self.name}: need at least 2 classes, model gives {logits.shape[1]}"
+            )
         return logits
 
     def output(self, forward: Forward, batch: Any) -> Tensor:
@@ -97,7 +100,7 @@ class ImageClassification:
 def _check_label_range(name: str, labels: Tensor, num_classes: int) -> None:
     """Raise when a label is outside [0, num_classes)."""
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
+        raise DataError(
             f"{name}: labels must lie in [0, {num_classes}) for a model with {num_classes} "
             f"outputs, got values in [{int(labels.min())}, {int(labels.max())}]; "
             "remap your class indices"

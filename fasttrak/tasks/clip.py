@@ -46,6 +46,14 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from fasttrak.data import as_rows, to_device
+from fasttrak.errors import (
+    ConfigError,
+    ConfigTypeError,
+    DataError,
+    DataKeyError,
+    DataTypeError,
+    TaskNotBoundError,
+)
 from fasttrak.tasks.base import Forward
 
 
@@ -96,22 +104,22 @@ class CLIP:
 
     def __post_init__(self) -> None:
         if self.negatives is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: pass negatives=, a fixed sample of image-text pairs "
                 "(a batch, or a dataset of pairs) to contrast each example with"
             )
         if self.logit_scale is not None and not (0 < float(self.logit_scale) < float("inf")):
-            raise ValueError(f"{self.name}: logit_scale must be positive, got {self.logit_scale}")
+            raise ConfigError(f"{self.name}: logit_scale must be positive, got {self.logit_scale}")
         if not 0 <= self.duplicate_tol < 1:
-            raise ValueError(f"{self.name}: duplicate_tol must be in [0, 1)")
+            raise ConfigError(f"{self.name}: duplicate_tol must be in [0, 1)")
         if self.negatives_batch_size < 1:
-            raise ValueError(f"{self.name}: negatives_batch_size must be positive")
+            raise ConfigError(f"{self.name}: negatives_batch_size must be positive")
 
     # ------------------------------------------------------------------ batches
     def check_batch(self, batch: Any) -> None:
         kind = _kind(batch)
         if kind is None:
-            raise TypeError(
+            raise DataTypeError(
                 f"{self.name}: a batch must be a dict with input_ids and pixel_values "
                 "(Hugging Face CLIPModel) or a pair (images, texts) of tensors (open_clip), "
                 f"got {type(batch).__name__}"
@@ -120,7 +128,7 @@ class CLIP:
         if kind == "dict":
             missing = [k for k in ("input_ids", "pixel_values") if k not in batch]
             if missing:
-                raise KeyError(
+                raise DataKeyError(
                     f"{self.name}: the batch has no {missing}; its keys are {sorted(batch)}. "
                     "Use the CLIP processor's output (input_ids, attention_mask, pixel_values)"
                 )
@@ -129,12 +137,12 @@ class CLIP:
             tensors = {"images": batch[0], "texts": batch[1]}
         sizes = {k: v.shape[0] if v.ndim else None for k, v in tensors.items()}
         if len(set(sizes.values())) != 1:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: the batch's tensors disagree on the number of examples "
                 f"(dimension 0): {sizes}"
             )
         if self._bound is not None and self._bound.kind != kind:
-            raise TypeError(
+            raise DataTypeError(
                 f"{self.name}: the negatives were {_KIND_WORDS[self._bound.kind]} but this "
                 f"batch is {_KIND_WORDS[kind]}; give both in the form the model takes"
             )
@@ -171,11 +179,11 @@ class CLIP:
                         fit[0] += float((out["logits_per_text"].float() * cosines).sum())
                         fit[1] += float((cosines * cosines).sum())
         if not images:
-            raise ValueError(f"{self.name}: negatives= holds no pairs; pass at least one")
+            raise ConfigError(f"{self.name}: negatives= holds no pairs; pass at least one")
         if scale is None:
             scale = model_scale if model_scale is not None else _ratio(fit)
         if scale is None or not 0 < scale < float("inf"):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: cannot read the logit scale from the model's output (got "
                 f"{scale}); pass CLIP(..., logit_scale=<the model's exp(logit_scale)>)"
             )
@@ -195,7 +203,7 @@ class CLIP:
         """f_img, f_txt (B,) float32 and the number of negatives each example keeps (B,)."""
         negatives = self._bound
         if negatives is None:
-            raise RuntimeError(
+            raise TaskNotBoundError(
                 f"{self.name}: the task holds no negative embeddings yet; they depend on the "
                 "checkpoint, so bind it first: task = task.bind(model) (fasttrak's runner "
                 "does this for every checkpoint)"
@@ -228,7 +236,7 @@ class CLIP:
         f_img, f_txt, kept = self._directions(forward, batch)
         alone = (kept == 0).nonzero()[:, 0].tolist()
         if alone:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: example(s) {alone[:10]} of this batch have no negative left: "
                 "every negative pair is a duplicate of them; give more (distinct) negatives"
             )
@@ -290,7 +298,7 @@ class CLIP:
                 else:
                     digests[i].update(repr(leaf).encode())
         if count == 0:
-            raise ValueError(f"{self.name}: negatives= holds no pairs; pass at least one")
+            raise ConfigError(f"{self.name}: negatives= holds no pairs; pass at least one")
         total = hashlib.blake2b(f"{structure}|{count}|{headers}".encode(), digest_size=16)
         for digest in digests:
             total.update(digest.digest())
@@ -333,16 +341,16 @@ def _embeddings(name: str, out: Any) -> tuple[Tensor, Tensor]:
         what = sorted(out) if isinstance(out, Mapping) else f"{type(out).__name__}"
         if isinstance(out, (tuple, list)):
             what += f" of length {len(out)}"
-        raise TypeError(
+        raise ConfigTypeError(
             f"{name}: cannot find image and text embeddings in the model's output ({what}); "
             "the model must return image_embeds/text_embeds (Hugging Face CLIPModel) or "
             "(image_features, text_features, logit_scale) (open_clip). Models with a sigmoid "
             "loss (SigLIP: a 4th output, logit_bias) need another task."
         )
     if not (isinstance(image, Tensor) and isinstance(text, Tensor)) or image.ndim != 2:
-        raise ValueError(f"{name}: embeddings must be tensors of shape (B, D)")
+        raise ConfigError(f"{name}: embeddings must be tensors of shape (B, D)")
     if image.shape != text.shape:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: image embeddings {tuple(image.shape)} and text embeddings "
             f"{tuple(text.shape)} must have the same shape"
         )

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from fasttrak.errors import ConfigError, DataError
 from fasttrak.tasks.base import Forward
 from fasttrak.tasks.text import (
     check_leading_sizes,
@@ -92,8 +93,8 @@ def labels_after_prompt(
     return torch.where(keep, input_ids.long(), torch.full_like(input_ids.long(), ignore_index))
 
 
-def _empty_rows_error(name: str, rows: list[int], fix: str) -> ValueError:
-    return ValueError(
+def _empty_rows_error(name: str, rows: list[int], fix: str) -> DataError:
+    return DataError(
         f"{name}: example(s) {rows[:10]} of this batch have no target token, so their output "
         f"would be an empty sum; {fix}"
     )
@@ -103,7 +104,7 @@ def _check_token_range(name: str, targets: Tensor, mask: Tensor, vocab: int, key
     """Every target must be a token id of the model's vocabulary."""
     values = targets[mask]
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= vocab):
-        raise ValueError(
+        raise DataError(
             f"{name}: targets in {key!r} must be token ids in [0, {vocab}) or "
             f"{IGNORE_INDEX} (not a target); got values in [{int(values.min())}, "
             f"{int(values.max())}]; check the tokenizer matches the model"
@@ -144,7 +145,7 @@ class LanguageModeling:
 
     def __post_init__(self) -> None:
         if self.target not in ("labels", "all_tokens"):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: target must be 'labels' or 'all_tokens', got {self.target!r}"
             )
 
@@ -155,7 +156,7 @@ class LanguageModeling:
         )
         require_integer(self.name, "input_ids", ids, "token ids")
         if ids.ndim != 2 or ids.shape[1] < 2:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: input_ids must have shape (B, T) with T >= 2 (a token to "
                 f"predict from and one to predict), got {tuple(ids.shape)}"
             )
@@ -168,7 +169,7 @@ class LanguageModeling:
                 continue
             if not isinstance(value, Tensor) or value.shape != ids.shape:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(
+                raise DataError(
                     f"{self.name}: batch[{key!r}] must have the shape of input_ids "
                     f"{tuple(ids.shape)}, got {shape}; pad it like input_ids"
                 )
@@ -207,7 +208,7 @@ class LanguageModeling:
         logits = model_logits(self.name, forward(**model_inputs(batch, self.label_key)), ndim=3)
         ids = batch["input_ids"]
         if logits.shape[:2] != ids.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: the model's logits have shape {tuple(logits.shape)}, expected "
                 f"{tuple(ids.shape)} + (vocab,) for input_ids of shape {tuple(ids.shape)}"
             )
@@ -274,13 +275,13 @@ class Seq2Seq:
         )
         require_integer(self.name, self.label_key, labels, "token ids (-100: not a target)")
         if labels.ndim != 2:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: labels must have shape (B, T_dec), got {tuple(labels.shape)}"
             )
         check_leading_sizes(self.name, batch, labels.shape[0])
         decoder = batch.get("decoder_input_ids")
         if isinstance(decoder, Tensor) and decoder.shape != labels.shape:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: decoder_input_ids {tuple(decoder.shape)} and labels "
                 f"{tuple(labels.shape)} must have the same shape; or leave decoder_input_ids "
                 "out and the task shifts the labels"
@@ -303,7 +304,7 @@ class Seq2Seq:
             )
         logits = model_logits(self.name, forward(**inputs), ndim=3)
         if logits.shape[:2] != labels.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: the model's logits have shape {tuple(logits.shape)}, expected "
                 f"{tuple(labels.shape)} + (vocab,) for labels of shape {tuple(labels.shape)}"
             )

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fasttrak.errors import ConfigError, ConfigTypeError, DataError, DataKeyError, DataTypeError
 from fasttrak.tasks.base import Forward
 from fasttrak.tasks.classification import _check_label_range, margin_from_logits
 
@@ -23,7 +24,7 @@ def require_mapping(name: str, batch: Any, keys: str) -> Mapping[str, Any]:
     ``keys`` describes what the batch should hold, for the message.
     """
     if not isinstance(batch, Mapping):
-        raise TypeError(
+        raise DataTypeError(
             f"{name}: a batch must be a dict like a tokenizer's output ({keys}), got "
             f"{type(batch).__name__}; make your dataset return dicts of tensors "
             "(a list of such dicts collates into one)"
@@ -34,10 +35,10 @@ def require_mapping(name: str, batch: Any, keys: str) -> Mapping[str, Any]:
 def require_key(name: str, batch: Mapping[str, Any], key: str, fix: str) -> Tensor:
     """``batch[key]`` as a tensor, or an error naming the keys present and the fix."""
     if key not in batch:
-        raise KeyError(f"{name}: the batch has no {key!r}; its keys are {sorted(batch)}. {fix}")
+        raise DataKeyError(f"{name}: the batch has no {key!r}; its keys are {sorted(batch)}. {fix}")
     value = batch[key]
     if not isinstance(value, Tensor):
-        raise TypeError(
+        raise DataTypeError(
             f"{name}: batch[{key!r}] must be a torch.Tensor, got {type(value).__name__}; "
             "return tensors from your dataset (or collate with return_tensors='pt')"
         )
@@ -47,7 +48,7 @@ def require_key(name: str, batch: Mapping[str, Any], key: str, fix: str) -> Tens
 def require_integer(name: str, key: str, value: Tensor, what: str) -> None:
     """Raise a TypeError when ``value`` is not an integer tensor."""
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-        raise TypeError(
+        raise DataTypeError(
             f"{name}: batch[{key!r}] has dtype {value.dtype}, expected {what}; "
             f"convert it with .long()"
         )
@@ -58,7 +59,7 @@ def check_leading_sizes(name: str, batch: Mapping[str, Any], size: int) -> None:
     for key, value in batch.items():
         if isinstance(value, Tensor) and (value.ndim == 0 or value.shape[0] != size):
             shape = tuple(value.shape)
-            raise ValueError(
+            raise DataError(
                 f"{name}: batch[{key!r}] has shape {shape}, but the batch has {size} examples; "
                 "every tensor of a batch needs the examples along dimension 0"
             )
@@ -75,14 +76,14 @@ def model_logits(name: str, out: Any, ndim: int) -> Tensor:
     elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         logits = out[0]
     else:
-        raise TypeError(
+        raise ConfigTypeError(
             f"{name}: cannot find logits in the model's output ({type(out).__name__}); the "
             "model must return a tensor, an object with .logits (Hugging Face), or a tuple "
             "whose first element is the logits. Do not pass labels to the model."
         )
     if logits.ndim != ndim:
         layout = "(B, C)" if ndim == 2 else "(B, T, V)"
-        raise ValueError(
+        raise ConfigError(
             f"{name}: the model's logits have shape {tuple(logits.shape)}, expected {layout}; "
             "use a model with the matching head (e.g. AutoModelForSequenceClassification for "
             "text classification, AutoModelForCausalLM for language modelling)"
@@ -128,12 +129,12 @@ class TextClassification:
         )
         require_integer(self.name, self.label_key, labels, "integer class indices")
         if labels.ndim != 1:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: labels must have shape (B,), got {tuple(labels.shape)}; pass "
                 "one class index per example, not one-hot vectors (use labels.argmax(-1))"
             )
         if len(batch) < 2:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: the batch holds only {self.label_key!r}; add the model inputs "
                 "(input_ids, attention_mask, ...)"
             )
@@ -145,7 +146,7 @@ class TextClassification:
     def _logits(self, forward: Forward, batch: Mapping[str, Any]) -> Tensor:
         logits = model_logits(self.name, forward(**model_inputs(batch, self.label_key)), ndim=2)
         if logits.shape[1] < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: need at least 2 classes, the model gives {logits.shape[1]} "
                 "(a regression head has no margin); set num_labels >= 2"
             )
