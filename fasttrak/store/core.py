@@ -375,18 +375,25 @@ class Store:
         are always kept and resumed, with or without ``overwrite``."""
         self._require_writable()
         if overwrite and self.stored_fingerprint(m) not in (None, fingerprint):
-            lock = self.files.lock(lock_key(m), shared=False, wait=False)
-            if lock is None:
-                raise StoreBusyError(
-                    f"another process is featurizing model {m} in {self.where}; overwrite=True "
-                    "would delete its work: wait for it to finish (or stop it), then retry"
-                )
-            with held(lock):
+            with self.alone(m, "overwrite=True would delete its work"):
                 if self.stored_fingerprint(m) not in (None, fingerprint):
                     self._delete_checkpoint(m)
                 self._create_checkpoint(m, fingerprint)
         with held(self.files.lock(lock_key(m), shared=True, wait=True)):
             yield self._create_checkpoint(m, fingerprint)
+
+    @contextlib.contextmanager
+    def alone(self, m: int, because: str) -> Iterator[None]:
+        """Hold model m's writers lock exclusively for the block: no other process writes
+        model m meanwhile. StoreBusyError (saying ``because``) if one is writing it now."""
+        lock = self.files.lock(lock_key(m), shared=False, wait=False)
+        if lock is None:
+            raise StoreBusyError(
+                f"another process is featurizing model {m} in {self.where}; {because}: wait "
+                "for it to finish (or stop it), then retry"
+            )
+        with held(lock):
+            yield
 
     def stored_fingerprint(self, m: int) -> str | None:
         """The weights' fingerprint recorded for model m (None: no record, or a damaged

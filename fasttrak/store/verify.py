@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fasttrak.errors import StoreBusyError, StoreCorruptError
+from fasttrak.errors import StoreCorruptError
 from fasttrak.store.arrays import chunk_key, new_array, open_array, read_whole
 from fasttrak.store.core import (
     RUN,
@@ -32,10 +32,9 @@ from fasttrak.store.core import (
     array_key,
     checkpoint_dir,
     done_key,
-    lock_key,
     rows_key,
 )
-from fasttrak.store.files import held, stale_staging
+from fasttrak.store.files import stale_staging
 from fasttrak.store.records import DamagedRecord, decode, encode
 
 
@@ -126,13 +125,7 @@ class _Walk:
         ids = self.model_ids() if models is None else sorted(set(models))
         for m in ids:
             if self.fix:
-                lock = self.files.lock(lock_key(m), shared=False, wait=False)
-                if lock is None:
-                    raise StoreBusyError(
-                        f"another process is featurizing model {m} in {self.store.where}; "
-                        "repair it once that process has finished"
-                    )
-                with held(lock):
+                with self.store.alone(m, "repair it once that process has finished"):
                     self.model(m, n)
             else:
                 self.model(m, n)
