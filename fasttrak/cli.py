@@ -63,7 +63,8 @@ def demo(
     no_progress: bool,
 ) -> None:
     """Attribute digits with TRAK on a small MLP and report its LDS (offline, ~1 min on CPU)."""
-    from fasttrak.demo import DemoOptionsError, run_demo
+    from fasttrak.demo import run_demo
+    from fasttrak.errors import FastTrakError
 
     try:
         result = run_demo(
@@ -75,7 +76,7 @@ def demo(
             progress=not no_progress,
             echo=click.echo,
         )
-    except (DemoOptionsError, ImportError) as error:
+    except (FastTrakError, ImportError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"\nfigure: {result.paths['figure']}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -308,6 +309,7 @@ def run_demo(
         "ground_truth": out / "ground_truth",
         "figure": out / "top_attributions.png",
     }
+    _drop_old_store(paths["store"], echo)
     seconds: dict[str, float] = {}
     clock = _Clock(seconds)
     data = load_data(num_targets, seed)
@@ -402,6 +404,15 @@ def _subset_topk(topk: ft.TopK, rows: list[int]) -> ft.TopK:
         topk.opponents[rows],
         topk.opponent_scores[rows],
     )
+
+
+def _drop_old_store(store: Path, echo: Callable[[str], None] | None) -> None:
+    """The demo's store is a cache: one made by an older fasttrak (store format 1, before
+    records/run.json) is rebuilt, saying so, rather than refused."""
+    if (store / "zarr.json").exists() and not (store / "records" / "run.json").exists():
+        if echo is not None:
+            echo(f"{store} was made by an older fasttrak (another store format): rebuilding it")
+        shutil.rmtree(store)
 
 
 def _check_options(out: Path, options: dict[str, Any]) -> None:

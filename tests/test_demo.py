@@ -120,3 +120,13 @@ def test_report_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         plot_top_attributions(
             np.zeros((1, 8, 8)), np.zeros(1), np.zeros((1, 8, 8)), np.zeros(1), top, tmp_path
         )
+
+
+def test_a_store_of_an_older_fasttrak_is_rebuilt_with_a_message(tmp_path):
+    import zarr
+
+    store = tmp_path / "out" / "store"
+    zarr.open_group(str(store), mode="w").attrs["fasttrak"] = {"format_version": 1}
+    lines = []
+    demo._drop_old_store(store, lines.append)
+    assert not store.exists() and "older fasttrak" in lines[0]
