@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -197,6 +197,12 @@ class TRAK:
         }
         if engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if store is not None and not isinstance(store, (str, os.PathLike)):
+            raise ConfigTypeError(
+                f"store= takes a directory path or None (in memory), got {type(store).__name__}"
+            )
+        if store is not None and not str(store).strip():
+            raise ConfigError("store= is an empty path; pass a directory path or None")
         self.store = Store.open(store, meta, chunk_rows=chunk_rows)
         self.engine = "hooks" if engine == "auto" else engine
         self.vmap_chunk_size = vmap_chunk_size
@@ -529,7 +535,10 @@ class TRAK:
             )
         if models is None:
             return stored
-        ids = [operator.index(m) for m in models]
+        ids = list(models)
+        if any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) for m in ids):
+            raise ConfigTypeError(f"models= must list integer model ids, got {ids}")
+        ids = [int(m) for m in ids]
         unknown = sorted(set(ids) - set(stored))
         if unknown or not ids or len(set(ids)) != len(ids):
             raise ConfigError(

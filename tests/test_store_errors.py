@@ -250,3 +250,34 @@ def test_a_store_created_while_another_process_checks_the_path(tmp_path, monkeyp
     path.mkdir()
     joined = ft.TRAK(make_mlp(), proj_dim=8, store=path, progress=False)
     assert created and joined.store.store_id == created[0].store.store_id
+
+
+@pytest.mark.parametrize("store, error", [(123, ft.ConfigTypeError), ("", ft.ConfigError)])
+def test_a_store_that_is_not_a_path(store, error):
+    with pytest.raises(error, match="store="):
+        ft.TRAK(make_mlp(), store=store)
+
+
+def test_bad_model_ids_and_save_paths(tmp_path):
+    x, y = make_data(20)
+    trak = ft.TRAK(make_mlp(), proj_dim=8, progress=False)
+    trak.featurize((x, y))
+    with pytest.raises(ft.ConfigTypeError, match="integer model ids"):
+        trak.score((x[:2], y[:2]), models=[0.5])
+    with pytest.raises(ft.ConfigError, match="distinct stored model ids"):
+        trak.score((x[:2], y[:2]), models=[3])
+    with pytest.raises(ft.ConfigError, match="directory path"):
+        trak.score((x[:2], y[:2])).save("")
+
+
+def test_scores_of_a_model_overwritten_meanwhile_say_so(tmp_path):
+    x, y = make_data(30)
+    model, other = make_mlp(seed=0), make_mlp(seed=1)
+    trak = ft.TRAK(model, proj_dim=8, store=tmp_path, progress=False)
+    trak.featurize((x, y), checkpoints=[model.state_dict()])
+    scores = trak.score((x[:2], y[:2]))  # lazy: features are read when the scores are
+    ft.TRAK(model, proj_dim=8, store=tmp_path, progress=False).featurize(
+        (x, y), checkpoints=[other.state_dict()], overwrite=True
+    )
+    with pytest.raises(ft.StoreCorruptError, match="overwritten or repaired"):
+        np.asarray(scores)

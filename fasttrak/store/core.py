@@ -627,6 +627,15 @@ class CheckpointStore:
             ) from error
         expected = record.features if name == "features" else record.q
         if checksum(data) != expected:
+            try:
+                now = self._read_done(c)
+            except StoreCorruptError:
+                now = record
+            if now != record:  # not damage: rewritten since ``record`` was read
+                raise StoreCorruptError(
+                    f"{self._where(name, c)}: changed since these scores were set up (the "
+                    "model was overwritten or repaired by another process meanwhile); score again"
+                )
             raise StoreCorruptError(
                 f"{self._where(name, c)}: fails its checksum (damaged on disk); {fix}"
             )

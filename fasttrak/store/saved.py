@@ -10,13 +10,14 @@ hidden file ``.NAME.lock`` beside it).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from fasttrak.errors import ScoresExistError, StoreCorruptError, StoreError
+from fasttrak.errors import ConfigError, ScoresExistError, StoreCorruptError, StoreError
 from fasttrak.store.arrays import chunk_grid, new_array, read_whole
 from fasttrak.store.files import DirectoryFiles, held, os_errors
 from fasttrak.store.records import DamagedRecord, checksum, decode, encode, seal, unseal
@@ -35,6 +36,8 @@ def save_scores(
     overwrite: bool = False,
 ) -> zarr.Array:
     """Write scores of shape (n_targets, n_train) to a zarr array at ``path``."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ConfigError(f"scores.save needs a directory path, got {path!r}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path} is a file; pass a new path (a directory) for the scores")
