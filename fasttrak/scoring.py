@@ -147,17 +147,13 @@ class Scores:
         saving the same scores again is a no-op; other finished scores at ``path`` are
         replaced only with ``overwrite=True``. Read it back verified with
         :func:`fasttrak.load_scores`."""
-
-        def blocks(skip: set[int]) -> Iterator[tuple[int, slice, np.ndarray]]:
-            return self._chunks(skip)
-
         block = self._models[0][0].store.chunk_rows
         return save_scores(
             path,
             self.shape,
             min(block, self.shape[1]),
             self.identity(),
-            blocks,
+            self._chunks,
             overwrite=overwrite,
         )
 

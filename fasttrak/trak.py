@@ -139,7 +139,7 @@ class TRAK:
         batch_size = _positive_int("batch_size", batch_size)
         if chunk_rows is not None:
             chunk_rows = _positive_int("chunk_rows", chunk_rows)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not _is_int(seed):
             raise ConfigTypeError(f"seed must be an integer, got {seed!r}")
         seed = int(seed)
         self.model = model
@@ -252,26 +252,30 @@ class TRAK:
         members = self._load_members(checkpoints)
         ids = _model_ids(model_ids, len(members))
         self._check_first_batch(rows, members[0].state)
-        self.store.set_num_train(n)  # records n, or raises StoreMismatchError for another n
-        if repair:
+        if repair:  # first, so that a damaged record of n or of a model is restored too
             report = repair_store(self.store, models=ids)
             if report.problems:
                 warnings.warn(f"repaired before featurizing:\n{report}", stacklevel=2)
-        self._check_done_rows(rows, ids, members, check_data)
+        self.store.set_num_train(n)  # records n, or raises StoreMismatchError for another n
+        # Chunks left to compute per model: None for a model that is new (or replaced with
+        # overwrite=True) and so has all of them. Workers claim each chunk and skip those
+        # another process finished meanwhile, so the lists may go stale safely.
+        pending = {m: self._pending(m, member) for m, member in zip(ids, members, strict=True)}
+        self._check_done_rows(rows, pending, check_data)
         for m, member in zip(ids, members, strict=True):
-            if self._finished(m, member):  # nothing to write (also on a read-only store)
+            if pending[m] == []:  # stored complete from these weights (also read-only stores)
                 continue
             with self.store.writing(m, member.fingerprint, overwrite) as ck:
-                pending = ck.pending_chunks()
-                if pending:
-                    self._featurize_model(rows, ck, member, pending)
+                todo = pending[m] if pending[m] is not None else ck.pending_chunks()
+                if todo:
+                    self._featurize_model(rows, ck, member, todo)
         self._members.update(zip(ids, members, strict=True))
 
-    def _finished(self, m: int, member: _Member) -> bool:
-        """Whether model m is stored complete, from these weights."""
+    def _pending(self, m: int, member: _Member) -> list[int] | None:
+        """Model m's unfinished chunks if it is stored from these weights, else None."""
         if self.store.stored_fingerprint(m) != member.fingerprint:
-            return False
-        return not self.store.checkpoint(m).pending_chunks()
+            return None
+        return self.store.checkpoint(m).pending_chunks()
 
     def check_data(self, train_set: Any, batch_size: int | None = None) -> int:
         """Check every chunk of ``train_set`` against the rows the store was featurized with,
@@ -289,7 +293,7 @@ class TRAK:
                 f"{self.store.where} was featurized on {known} training rows; this data has "
                 f"{len(rows)}"
             )
-        chunks = [c for c in range(self.store.num_chunks) if self.store.rows_fingerprint(c)]
+        chunks = self.store.recorded_chunks()
         self._check_rows(rows, chunks)
         return len(chunks)
 
@@ -357,23 +361,16 @@ class TRAK:
         ck.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy(), chunk_fingerprint(hashes))
 
     def _check_done_rows(
-        self,
-        rows: Rows,
-        ids: list[int],
-        members: list[_Member],
-        check_data: str,
+        self, rows: Rows, pending: dict[int, list[int] | None], check_data: str
     ) -> None:
         """Check the training rows of chunks this call will not compute against the store's
         record of them (DataMismatchError naming the first chunk that differs)."""
-        recorded = [c for c in range(self.store.num_chunks) if self.store.rows_fingerprint(c)]
+        recorded = self.store.recorded_chunks()
         if not recorded:
             return
         computed: set[int] = set()
-        for m, member in zip(ids, members, strict=True):
-            if self.store.stored_fingerprint(m) == member.fingerprint:
-                computed.update(self.store.checkpoint(m).pending_chunks())
-            else:  # new, or replaced with overwrite=True (otherwise an error follows)
-                computed.update(range(self.store.num_chunks))
+        for chunks in pending.values():
+            computed.update(range(self.store.num_chunks) if chunks is None else chunks)
         others = [c for c in recorded if c not in computed]
         if check_data == "sample" or (check_data == "auto" and not computed):
             others = [c for c in others if c in (recorded[0], recorded[-1])]
@@ -536,7 +533,7 @@ class TRAK:
         if models is None:
             return stored
         ids = list(models)
-        if any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) for m in ids):
+        if not all(_is_int(m) for m in ids):
             raise ConfigTypeError(f"models= must list integer model ids, got {ids}")
         ids = [int(m) for m in ids]
         unknown = sorted(set(ids) - set(stored))
@@ -594,12 +591,9 @@ class TRAK:
             for ck, done, member in zip(cks, records, members, strict=True):
                 with fixed_dropout(self.model, member.mask, self.seed):
                     state = self._to_device(member.state)
+                    everything, task = slice(0, len(target_rows)), self._bind(state)
                     phi, _, _ = self._features(
-                        target_rows,
-                        slice(0, len(target_rows)),
-                        state,
-                        ck.model_id,
-                        self._bind(state),
+                        target_rows, everything, state, ck.model_id, task, hashes=False
                     )
                 # Mean over the kernel's blocks: Σ_b Φ_b K_bb⁻¹ φ_b / B.
                 factor = self._factor(ck, done)
@@ -714,9 +708,14 @@ class _Member:
 CHECK_DATA = ("auto", "full", "sample")
 
 
+def _is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool or a float."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value: Any) -> int:
     """``value`` as an int if it is a positive integer (not a bool or a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not _is_int(value):
         raise ConfigTypeError(f"{name} must be a positive integer, got {value!r}")
     if value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -730,7 +729,7 @@ def _model_ids(model_ids: Sequence[int] | None, count: int) -> list[int]:
     if isinstance(model_ids, (int, np.integer)):
         raise ConfigTypeError("model_ids= takes a list of ids, one per checkpoint: [7]")
     ids = list(model_ids)
-    if any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0 for m in ids):
+    if not all(_is_int(m) and m >= 0 for m in ids):
         raise ConfigError(f"model_ids must be non-negative integers, got {ids}")
     if len(ids) != count or len(set(ids)) != len(ids):
         raise ConfigError(f"model_ids= needs one distinct id per checkpoint ({count}), got {ids}")

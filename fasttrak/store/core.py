@@ -141,6 +141,7 @@ class Store:
         self.files = files
         self.location = location
         self._run = run
+        self._num_train: int | None = None  # written once: cached once read
 
     # -------------------------------------------------------------- opening
     @classmethod
@@ -282,8 +283,22 @@ class Store:
     # -------------------------------------------------------------- training rows
     @property
     def num_train(self) -> int | None:
+        """n, once recorded (read from disk until then; the record is written once)."""
+        if self._num_train is None:
+            self._num_train = self.read_num_train()
+        return self._num_train
+
+    def read_num_train(self) -> int | None:
+        """n as recorded on disk now (StoreCorruptError if its record is damaged)."""
         record = self.read_record(TRAIN, "the training-set record")
         return None if record is None else int(record["n"])
+
+    def recorded_chunks(self) -> list[int]:
+        """Chunks whose training rows' fingerprint is recorded (each record is read, so a
+        damaged one raises StoreCorruptError here rather than passing unseen)."""
+        names = (name.removesuffix(".json") for name in self.files.list("records/rows"))
+        chunks = sorted(int(name) for name in names if name.isdigit())
+        return [c for c in chunks if self.rows_fingerprint(c) is not None]
 
     def set_num_train(self, n: int) -> None:
         """Record the training-set size, or check it against the one recorded."""
@@ -293,7 +308,7 @@ class Store:
         if known is None:
             self._require_writable()
             self.files.create(TRAIN, encode({"n": n}))
-            known = self.num_train
+            known = self.read_num_train()
         if known != n:
             raise StoreMismatchError(
                 f"{self.where} was built for a training set of {known} examples, "

@@ -64,7 +64,7 @@ def _save_locked(
         existing = _finished_identity(files, name)
         if existing == identity and _intact(files, name):
             return zarr.open_array(store=files.zarr_store(name), mode="r")
-        if not overwrite and existing != identity:  # the same scores, damaged: rewritten
+        if not overwrite and existing != identity:  # (the same scores, damaged, are rewritten)
             what = "other scores" if existing else "something that is not fasttrak scores"
             raise ScoresExistError(
                 f"{path} holds {what}; pass overwrite=True to replace them, or another path"
@@ -72,7 +72,7 @@ def _save_locked(
     chunks = (shape[0], block_columns)
     if _partial_identity(files, partial) != identity:
         files.delete_tree(partial)
-        array = new_array(files.zarr_store(partial), shape, "float32", chunks)
+        new_array(files.zarr_store(partial), shape, "float32", chunks)
         files.create(f"{partial}/identity.json", encode({"identity": identity}))
     array = zarr.open_array(store=files.zarr_store(partial), mode="r+")
     if _finished_identity(files, partial) != identity:
@@ -81,8 +81,8 @@ def _save_locked(
             block = np.ascontiguousarray(block, dtype=np.float32)
             with os_errors(f"block {j} of the scores at {path}"):
                 array[:, columns] = block
-            files.create(f"{partial}/blocks/{j}.json", encode({"block": j, "crc": checksum(block)}))
             done[j] = checksum(block)
+            files.create(f"{partial}/blocks/{j}.json", encode({"block": j, "crc": done[j]}))
         grid = [index[1] for index, _ in chunk_grid(shape, chunks)]
         array.attrs["fasttrak"] = seal(
             {

@@ -116,7 +116,7 @@ class _Walk:
         self.run_record()
         n = self.train_record()
         try:
-            if self.store.num_train != n:  # verify only: the record is not restored yet
+            if self.store.read_num_train() != n:  # verify only: the record is not restored yet
                 n = None
         except StoreCorruptError:
             n = None
@@ -163,7 +163,7 @@ class _Walk:
     def train_record(self) -> int | None:
         self.report.count("records")
         try:
-            n = self.store.num_train
+            n = self.store.read_num_train()
             if n is not None or not self.model_ids():
                 return n
             detail = "missing though models are stored"
@@ -319,19 +319,19 @@ class _Walk:
                 if self.fix:
                     self.files.delete(f"{checkpoint_dir(m)}/done/{name}")
         records = ck.records(damaged=damaged)
-        for key in damaged:
-            c = int(key.rsplit("/", 1)[1].removesuffix(".json"))
+        broken = sorted(int(key.rsplit("/", 1)[1].removesuffix(".json")) for key in damaged)
+        broken = [c for c in broken if c < ck.num_chunks]  # the others are reported above
+        for c in broken:
             self.report.count("chunks")
             self.problem(f"model {m}, chunk {c}", "its done mark is damaged", "chunk recomputed")
             self._unfinish(ck, c)
         for name in self.files.list(f"{checkpoint_dir(m)}/done"):
             stem = name.removesuffix(".json")
-            if stem.isdigit() and int(stem) not in records and key_of(m, stem) not in damaged:
-                if int(stem) < ck.num_chunks:
-                    self.problem(
-                        f"model {m}, chunk {stem}", "done mark of replaced weights", "deleted"
-                    )
-                    self._unfinish(ck, int(stem))
+            if not stem.isdigit() or int(stem) >= ck.num_chunks:
+                continue
+            if int(stem) not in records and int(stem) not in broken:
+                self.problem(f"model {m}, chunk {stem}", "done mark of replaced weights", "deleted")
+                self._unfinish(ck, int(stem))
         for c, record in sorted(records.items()):
             self.report.count("chunks")
             problem = self._chunk_problem(ck, record)
@@ -393,7 +393,3 @@ class _Walk:
                 )
                 if self.fix:
                     self.files.delete_tree(f"{base}/{name}")
-
-
-def key_of(m: int, stem: str) -> str:
-    return done_key(m, int(stem))
