@@ -298,3 +298,18 @@ def test_a_deleted_checkpoint_record_is_not_a_missing_model(work):
     model, _, targets = problem()
     with pytest.raises(ft.StoreCorruptError, match="model 0"):
         make_trak(work / "store").score(targets, checkpoints=[model.state_dict()])
+
+
+@pytest.mark.parametrize("which", ["train", "checkpoint", "done", "rows"])
+def test_featurize_with_repair_restores_damaged_records(work, pristine, which):
+    _, expected = pristine
+    path = record_path(work, which)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    model, train, targets = problem()
+    trak = make_trak(work / "store")
+    with pytest.warns(UserWarning, match="repaired before featurizing"):
+        trak.featurize(train, checkpoints=[model.state_dict()], repair=True)
+    np.testing.assert_array_equal(np.asarray(trak.score(targets)), expected)
+    assert ft.verify_store(work / "store").ok
