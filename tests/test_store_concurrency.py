@@ -78,7 +78,8 @@ def test_workers_on_different_checkpoints_under_their_own_ids(ctx, tmp_path):
             for seed, out in zip((0, 1, 2), outs, strict=True)
         ]
     )
-    assert all(json.loads(o.read_text())["error"] is None for o in outs)
+    errors = [json.loads(o.read_text())["error"] for o in outs]
+    assert errors == [None] * len(outs), errors
     assert_same(stored(Path(store)), single_process(tmp_path, [0, 1, 2]))
 
 
@@ -107,7 +108,8 @@ def test_simultaneous_creation_one_creates_the_others_join(ctx, tmp_path):
     barrier = ctx.Barrier(4)
     outs = [tmp_path / f"out{i}.json" for i in range(4)]
     join([start(ctx, w.create, store, w.K, barrier, str(o)) for o in outs])
-    assert all(json.loads(o.read_text())["error"] is None for o in outs)
+    errors = [json.loads(o.read_text())["error"] for o in outs]
+    assert errors == [None] * len(outs), errors
     other = tmp_path / "other"
     barrier = ctx.Barrier(4)
     join(

@@ -231,23 +231,26 @@ def test_a_full_disk_is_a_store_error_and_the_run_resumes(tmp_path, monkeypatch)
     )
 
 
-def test_a_store_created_while_another_process_checks_the_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("during", [1, 2])
+def test_a_store_created_while_another_process_checks_the_path(tmp_path, monkeypatch, during):
     """The creation race, made deterministic: another process creates the store while
-    this one is looking at the directory; this one must join it, not call it foreign."""
+    this one lists the directory (call 1) or its records folder (call 2); this one must join
+    it, not call it foreign."""
     from fasttrak.store import core
 
     path = tmp_path / "s"
+    (path / "records" / "staging").mkdir(parents=True)  # the other process has begun
     listdir = core.os.listdir
-    created = []
+    calls, created = [], []
 
     def listdir_while_created(where):
-        if not created:
+        calls.append(where)
+        if len(calls) == during and not created:
             created.append(None)  # the other process runs its own check undisturbed
             created[0] = ft.TRAK(make_mlp(), proj_dim=8, store=path, progress=False)
         return listdir(where)
 
     monkeypatch.setattr(core.os, "listdir", listdir_while_created)
-    path.mkdir()
     joined = ft.TRAK(make_mlp(), proj_dim=8, store=path, progress=False)
     assert created and joined.store.store_id == created[0].store.store_id
 

@@ -733,10 +733,11 @@ def _prepare_location(path: Path) -> None:
         except OSError as error:
             raise StoreError(f"cannot create the store directory {path}: {error}") from error
         return
-    # List first, then look for the run record: the record is the first thing a creator
-    # writes (besides records/staging and records/locks), so if it exists now, whatever the
-    # listing showed belongs to a store that another process was creating meanwhile.
+    # List everything first, then look for the run record: the record is the first thing a
+    # creator writes (besides records/staging and records/locks), so if it exists now,
+    # whatever the listings showed belongs to a store another process was creating meanwhile.
     entries = set(os.listdir(path))
+    leftovers = set(os.listdir(path / "records")) if "records" in entries else set()
     if (path / RUN).exists():
         return
     if "zarr.json" in entries:
@@ -760,7 +761,6 @@ def _prepare_location(path: Path) -> None:
             "directory for store="
         )
     foreign = sorted(entries - {"records"})
-    leftovers = set(os.listdir(path / "records")) if "records" in entries else set()
     if foreign or leftovers - {"staging", "locks"}:
         shown = foreign or sorted(f"records/{e}" for e in leftovers)
         raise StoreError(
