@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fasttrak.checkpoints import Checkpoint
 from fasttrak.errors import ConfigError
-from fasttrak.projection.dense import projection_seed
+from fasttrak.projection.common import projection_seed
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from numpy.typing import ArrayLike
 from scipy.stats import rankdata
 
 from fasttrak.errors import DataError, DataTypeError
-from fasttrak.evaluate.subsets import _check_masks
+from fasttrak.evaluate.common import check_masks
 
 _BLOCK_ELEMENTS = 1 << 24  # float64 mask elements converted at once (128 MiB)
 
@@ -53,7 +53,7 @@ def lds(scores: ArrayLike, masks: ArrayLike, outputs: ArrayLike) -> LDSResult:
     is constant or contains a non-finite value get NaN and are left out of the mean.
     """
     scores_arr = _as_float_matrix("scores", scores, "(n_targets, n_train)")
-    masks_arr = _check_masks(masks)
+    masks_arr = check_masks(masks)
     outputs_arr = _as_float_matrix("outputs", outputs, "(num_subsets, n_targets)")
     n_targets, n_train = scores_arr.shape
     num_subsets = masks_arr.shape[0]

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fasttrak.errors import ConfigError, ConfigTypeError, DataError, DataTypeError
-from fasttrak.evaluate.subsets import _check_int, _check_masks
+from fasttrak.evaluate.common import check_int, check_masks
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -54,8 +54,8 @@ def retrain(
         raise ConfigTypeError(
             f"train_fn must be callable (mask, seed) -> outputs, got {train_fn!r}"
         )
-    masks_arr = _check_masks(masks)
-    seeds_per_subset = _check_int("seeds_per_subset", seeds_per_subset, minimum=1)
+    masks_arr = check_masks(masks)
+    seeds_per_subset = check_int("seeds_per_subset", seeds_per_subset, minimum=1)
     if not isinstance(key, str):
         raise ConfigTypeError(f"key must be a str, got {type(key).__name__}")
     num_subsets, n = masks_arr.shape
@@ -88,7 +88,7 @@ def retrain(
                 per_seed.append(out)
             results[s] = np.stack(per_seed)
             if cache is not None:
-                cache.save(s, results[s])
+                cache.save(s, np.stack(per_seed))
             bar.update(1)
 
     outputs = np.stack([r.mean(axis=0) for r in results if r is not None])

@@ -33,7 +33,8 @@ class Task(Protocol):
     for that checkpoint.
     """
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def check_batch(self, batch: Any) -> None:
         """Raise a ValueError/TypeError naming the fix when ``batch`` has the wrong form."""

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from fasttrak.errors import ConfigError, DataError, DataTypeError
 from fasttrak.tasks.base import Forward
+from fasttrak.tasks.common import check_label_range
 
 
 def margin_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -90,18 +91,8 @@ class ImageClassification:
         transforms, so it also checks that every label is a valid class index."""
         inputs, labels = batch
         logits = self._logits(forward, inputs, labels)
-        _check_label_range(self.name, labels, logits.shape[1])
+        check_label_range(self.name, labels, logits.shape[1])
         return torch.sigmoid(-margin_from_logits(logits, labels.long()))
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name}
-
-
-def _check_label_range(name: str, labels: Tensor, num_classes: int) -> None:
-    """Raise when a label is outside [0, num_classes)."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise DataError(
-            f"{name}: labels must lie in [0, {num_classes}) for a model with {num_classes} "
-            f"outputs, got values in [{int(labels.min())}, {int(labels.max())}]; "
-            "remap your class indices"
-        )

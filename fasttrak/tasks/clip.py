@@ -163,7 +163,7 @@ class CLIP:
         kind = None
         with torch.no_grad():
             for chunk in self._negative_batches():
-                chunk = to_device(chunk, device) if device is not None else chunk
+                chunk = to_device(chunk, torch.device(device)) if device is not None else chunk
                 self.check_batch(chunk)
                 kind = _kind(chunk)
                 out = _call(forward, chunk)
@@ -266,8 +266,8 @@ class CLIP:
                 else:
                     yield (negatives[0][rows], negatives[1][rows])
             return
-        rows = as_rows(negatives, size)
-        for _, batch in rows.batches(slice(0, len(rows))):
+        loaded = as_rows(negatives, size)
+        for _, batch in loaded.batches(slice(0, len(loaded))):
             yield batch
 
     @functools.cached_property
@@ -338,7 +338,7 @@ def _embeddings(name: str, out: Any) -> tuple[Tensor, Tensor]:
     elif isinstance(out, (tuple, list)) and len(out) == 3:
         image, text = out[0], out[1]  # open_clip: (image_features, text_features, scale)
     else:
-        what = sorted(out) if isinstance(out, Mapping) else f"{type(out).__name__}"
+        what = str(sorted(out)) if isinstance(out, Mapping) else type(out).__name__
         if isinstance(out, (tuple, list)):
             what += f" of length {len(out)}"
         raise ConfigTypeError(

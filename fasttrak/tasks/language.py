@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fasttrak.errors import ConfigError, DataError
 from fasttrak.tasks.base import Forward
-from fasttrak.tasks.text import (
+from fasttrak.tasks.common import (
     check_leading_sizes,
     model_inputs,
     model_logits,
