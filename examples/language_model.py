@@ -200,7 +200,7 @@ def main() -> None:
     p = sum(trak.param_numels.values())
     total = sum(t.numel() for t in model.parameters())
     print(
-        f"featurizing {len(checkpoints)} checkpoint(s): {len(trak.selected)} tensors, "
+        f"featurizing {len(checkpoints)} checkpoint(s): {len(trak.params)} tensors, "
         f"p = {p} of {total} parameters -> k = {trak.k} ({args.projector})"
     )
     loader = torch.utils.data.DataLoader(train_items, batch_size=32, collate_fn=collate)

@@ -170,12 +170,12 @@ def main() -> None:
     )
     p_selected = sum(trak.param_numels.values())
     total = sum(t.numel() for t in model.parameters())
-    assert all(".lora_" in name for name in trak.selected)
+    assert all(".lora_" in name for name in trak.params)
     print(
         f"p_selected = {p_selected} of {total} parameters ({100 * p_selected / total:.1f}%) "
-        f"in {len(trak.selected)} adapter tensors -> k = {trak.k}"
+        f"in {len(trak.params)} adapter tensors -> k = {trak.k}"
     )
-    print("  e.g. " + ", ".join(trak.selected[:2]))
+    print("  e.g. " + ", ".join(trak.params[:2]))
     loader = torch.utils.data.DataLoader(tune, batch_size=32, collate_fn=collate)
     trak.featurize(loader, checkpoints=None)  # None: the model's current weights
     targets = make_examples(4 if args.quick else 8, range(6, 12), seed=2, table=table)

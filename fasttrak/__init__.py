@@ -31,15 +31,18 @@ from fasttrak.errors import (
     TaskNotBoundError,
     UnsupportedModelError,
 )
+from fasttrak.estimator import Estimator
 from fasttrak.kernel import SaturationWarning
 from fasttrak.scoring import Scores, TopK, soft_threshold
 from fasttrak.store.api import load_scores, repair_store, verify_store
-from fasttrak.trak import TRAK
+from fasttrak.trak import TRAK, Features
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TRAK",
+    "Estimator",
+    "Features",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "ConfigError",

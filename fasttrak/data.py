@@ -9,7 +9,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 import torch
@@ -44,6 +44,11 @@ class Rows:
     def _fast(self) -> bool:
         return isinstance(self.dataset, TensorDataset) and self.collate_fn is default_collate
 
+    @property
+    def _tensors(self) -> tuple[Tensor, ...]:
+        """The tensors of a TensorDataset (only when :meth:`_fast`)."""
+        return cast(TensorDataset, self.dataset).tensors
+
     @overload
     def batches(
         self, rows: slice, with_hashes: Literal[False] = ...
@@ -54,24 +59,27 @@ class Rows:
         self, rows: slice, with_hashes: Literal[True]
     ) -> Iterator[tuple[slice, Any, np.ndarray]]: ...
 
+    @overload
+    def batches(self, rows: slice, with_hashes: bool) -> Iterator[tuple[Any, ...]]: ...
+
     def batches(self, rows: slice, with_hashes: bool = False) -> Iterator[tuple[Any, ...]]:
         """Yield (row slice, collated batch) covering ``rows`` in order; with ``with_hashes``,
         (row slice, batch, hashes) where hashes are the rows' fingerprints, np.uint64 (B,)."""
         if self._fast():
             # Slicing gives exactly what default_collate would stack, without a Python loop.
             # Hashes are computed for blocks of whole batches (about 4 MiB of rows) at once.
-            tensors, size = self.dataset.tensors, self.batch_size
+            tensors, size = self._tensors, self.batch_size
             step = size * max(1, _fast_block_rows(tensors) // size) if with_hashes else size
             for block in range(rows.start, rows.stop, step):
                 block_stop = min(block + step, rows.stop)
                 hashes = self.hashes(slice(block, block_stop)) if with_hashes else None
                 for start in range(block, block_stop, size):
                     where = slice(start, min(start + size, block_stop))
-                    batch = tuple(t[where] for t in tensors)
+                    sliced = tuple(t[where] for t in tensors)
                     if hashes is None:
-                        yield where, batch
+                        yield where, sliced
                     else:
-                        yield where, batch, hashes[start - block : where.stop - block]
+                        yield where, sliced, hashes[start - block : where.stop - block]
             return
         loader = DataLoader(
             Subset(self.dataset, range(rows.start, rows.stop)),
@@ -81,9 +89,10 @@ class Rows:
             num_workers=self.num_workers,
         )
         start = rows.start
-        for batch in loader:
-            if with_hashes:
-                batch, content = batch
+        loaded: Any
+        content: Any
+        for loaded in loader:
+            batch, content = loaded if with_hashes else (loaded, None)
             if isinstance(batch, Mapping) and not isinstance(batch, dict):
                 batch = dict(batch)  # BatchEncoding: pytree sees a plain dict's tensors only
             if with_hashes:
@@ -99,12 +108,10 @@ class Rows:
         with_hashes=True)`` gives them, from the items alone: nothing is collated."""
         start, stop = rows.start, rows.stop
         if self._fast():
-            step = _fast_block_rows(self.dataset.tensors)
+            step = _fast_block_rows(self._tensors)
             out = [
                 _with_rows(
-                    _tensor_content(
-                        tuple(t[a : min(a + step, stop)] for t in self.dataset.tensors)
-                    ),
+                    _tensor_content(tuple(t[a : min(a + step, stop)] for t in self._tensors)),
                     a,
                 )
                 for a in range(start, stop, step)
@@ -295,7 +302,10 @@ class HashingCollate:
 
 
 _seq_tags: dict[tuple[str, str], np.ndarray] = {}
-_SCALAR_SEQ = {int: ("torch.int64", np.int64), float: ("torch.float64", np.float64)}
+_SCALAR_SEQ: dict[type, tuple[str, type]] = {
+    int: ("torch.int64", np.int64),
+    float: ("torch.float64", np.float64),
+}
 _SCALAR_SEQ[bool] = ("torch.bool", np.bool_)
 
 
@@ -341,7 +351,7 @@ def _walk(x: Any, path: str, r: int, leaves: dict, seqs: dict) -> None:
             if len(kinds) == 1 and (kind := kinds.pop()) in _SCALAR_SEQ:
                 dtype, np_dtype = _SCALAR_SEQ[kind]
                 try:
-                    values = np.array(x, np_dtype)
+                    values: np.ndarray = np.array(x, np_dtype)
                 except OverflowError:
                     raise DataError(_overflow(path)) from None
                 rows, arrays = seqs.setdefault((path, dtype), ([], []))

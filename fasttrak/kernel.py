@@ -287,8 +287,8 @@ def block_diagonal_factor(
     :func:`block_slices` range, λ_b = ``ridge_value(G_bb, ridge, n)``; blocks=1 is the full
     kernel. Only the diagonal blocks of ``gram_matrix`` are read.
 
-    Returns (B, m, m) float64, m the largest block size (⌈k / B⌉ or ⌊k / B⌋ + 1): a block of
-    s < m coordinates is padded with the identity, so that the padded system solves to zero
+    Returns (B, s, s) float64, s the largest block size (⌈k / B⌉ or ⌊k / B⌋ + 1): a block of
+    fewer than s coordinates is padded with the identity, so that the padded system solves to zero
     there (see :func:`solve`). k²/B entries instead of the k² of one block-diagonal (k, k)
     matrix, and B factorisations of (k/B)³/3 flops instead of one of k³/3.
     """
@@ -357,7 +357,7 @@ def _zero_kernel_message(weighting: Weighting | None) -> str:
 def solve(factor: np.ndarray, rhs: Tensor) -> Tensor:
     """K⁻¹ rhs via Cholesky factors; rhs (k, T) -> (k, T) float64.
 
-    ``factor`` is either one (k, k) lower factor (:func:`cholesky_factor`), or the (B, m, m)
+    ``factor`` is either one (k, k) lower factor (:func:`cholesky_factor`), or the (B, s, s)
     per-block factors of :func:`block_diagonal_factor`: then each block of rows of ``rhs``
     (the :func:`block_slices` of k into B) is solved with its own block, i.e. K is the
     block-diagonal kernel, in B small solves of 2 (k/B)² T flops instead of one of 2 k² T.
@@ -368,7 +368,7 @@ def solve(factor: np.ndarray, rhs: Tensor) -> Tensor:
     blocks, size = factor.shape[0], factor.shape[1]
     k, targets = rhs.shape
     factors = torch.from_numpy(factor)
-    if blocks * size == k:  # equal blocks: the rows of rhs are already (B, m, T)
+    if blocks * size == k:  # equal blocks: the rows of rhs are already (B, s, T)
         return torch.cholesky_solve(rhs.reshape(blocks, size, targets), factors).reshape(k, -1)
     parts = block_slices(k, blocks)
     if max(part.stop - part.start for part in parts) != size:

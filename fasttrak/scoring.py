@@ -1,4 +1,4 @@
-"""Scores: the TRAK estimator evaluated block by block over the training rows.
+"""Scores: the TRAK estimator evaluated row chunk by row chunk over the training set.
 
 score(t, i) = mean_m(Q_m,i) · mean_m( φ_m(t)ᵀ K_m⁻¹ φ_m(i) )
 """
@@ -8,14 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 from torch import Tensor
 
-from fasttrak.errors import ConfigError, DataError, NumericalError
-from fasttrak.store import CheckpointStore, ChunkRecord
+from fasttrak.deprecation import deprecated
+from fasttrak.errors import ConfigError, ConfigTypeError, DataError, NumericalError
+from fasttrak.store import ChunkRecord, ModelStore
 from fasttrak.store.core import sources_of
 from fasttrak.store.records import checksum, digest
 from fasttrak.store.saved import save_scores
@@ -36,17 +38,17 @@ class TopK:
 
 
 class Scores:
-    """Attribution scores of shape (n_targets, n_train), computed lazily in row blocks.
+    """Attribution scores of shape (n_targets, n_train), computed lazily per row chunk.
 
     ``np.asarray(scores)`` gives the dense float32 matrix (cached once computed);
     ``scores.topk(k)`` streams over training rows without building it; ``scores.save(path)``
-    writes it to an on-disk zarr array block by block. Every block of stored features is
+    writes it to an on-disk zarr array chunk by chunk. Every block of stored features is
     verified against its checksum when it is read (StoreCorruptError otherwise).
     """
 
     def __init__(
         self,
-        models: Sequence[tuple[CheckpointStore, dict[int, ChunkRecord]]],
+        models: Sequence[tuple[ModelStore, dict[int, ChunkRecord]]],
         solved: Sequence[Tensor],
     ) -> None:
         if len(models) != len(solved) or not models:
@@ -66,6 +68,36 @@ class Scores:
                 "label smoothing (see docs/estimator.md, 'Saturated models')"
             )
 
+    @classmethod
+    def combine(cls, parts: Sequence[Scores]) -> Scores:
+        """The ensemble over the union of the parts' models: equal to scoring with all of
+        their model ids at once (the same targets and store, distinct model ids). Lets
+        scores of models computed separately (other processes, other estimators) merge."""
+        parts = list(parts)
+        if not parts or not all(isinstance(s, Scores) for s in parts):
+            raise ConfigTypeError("Scores.combine takes a non-empty list of ft.Scores")
+        first = parts[0]
+        store = first._models[0][0].store.store_id
+        ids: list[int] = []
+        for s in parts:
+            if s.shape != first.shape:
+                raise ConfigError(
+                    f"scores of shape {s.shape} and {first.shape} cannot be combined: they must "
+                    "score the same targets against the same training set"
+                )
+            if any(model.store.store_id != store for model, _ in s._models):
+                raise ConfigError("scores from different stores cannot be combined")
+            ids.extend(model.model_id for model, _ in s._models)
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"scores to combine must come from distinct model ids, got {ids}")
+        models = [m for s in parts for m in s._models]
+        return cls(models, [x for s in parts for x in s._solved])
+
+    @property
+    def model_ids(self) -> list[int]:
+        """The model ids these scores average over."""
+        return [model.model_id for model, _ in self._models]
+
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self._solved[0].shape[1]), int(self.q_mean.shape[0]))
@@ -77,13 +109,20 @@ class Scores:
         n_targets, n_train = self.shape
         return f"Scores(n_targets={n_targets}, n_train={n_train}, models={len(self._solved)})"
 
-    def blocks(self, skip: Set[int] = frozenset()) -> Iterator[tuple[slice, np.ndarray]]:
+    def chunks(self, skip: Set[int] = frozenset()) -> Iterator[tuple[slice, np.ndarray]]:
         """Yield (train row slice, scores (n_targets, rows) float32) over the training set,
-        one store chunk at a time (chunks in ``skip`` are left out)."""
-        for _, rows, block in self._chunks(skip):
+        one store row chunk at a time (chunks in ``skip`` are left out)."""
+        for _, rows, block in self._chunk_scores(skip):
             yield rows, block
 
-    def _chunks(self, skip: Set[int] = frozenset()) -> Iterator[tuple[int, slice, np.ndarray]]:
+    def blocks(self, skip: Set[int] = frozenset()) -> Iterator[tuple[slice, np.ndarray]]:
+        """Deprecated name of :meth:`chunks`."""
+        deprecated("Scores.blocks()", "Scores.chunks()")
+        return self.chunks(skip)
+
+    def _chunk_scores(
+        self, skip: Set[int] = frozenset()
+    ) -> Iterator[tuple[int, slice, np.ndarray]]:
         first = self._models[0][0]
         for c in range(first.num_chunks):
             if c in skip:
@@ -100,12 +139,12 @@ class Scores:
         """The dense (n_targets, n_train) float32 matrix."""
         if self._dense is None:
             dense = np.empty(self.shape, dtype=np.float32)
-            for rows, block in self.blocks():
+            for rows, block in self.chunks():
                 dense[:, rows] = block
             self._dense = dense
         return self._dense
 
-    def __array__(self, dtype: object = None, copy: bool | None = None) -> np.ndarray:
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         dense = self.numpy()
         return dense if dtype is None else dense.astype(dtype)
 
@@ -119,7 +158,7 @@ class Scores:
         best_s = np.full((n_targets, 0), -np.inf, dtype=np.float32)
         best_i = np.zeros((n_targets, 0), dtype=np.int64)
         worst_s, worst_i = -best_s, best_i.copy()
-        source = [(slice(0, n), self._dense)] if self._dense is not None else self.blocks()
+        source = [(slice(0, n), self._dense)] if self._dense is not None else self.chunks()
         for rows, block in source:
             index = np.broadcast_to(np.arange(rows.start, rows.stop), block.shape)
             best_s, best_i = _keep_top(np.hstack([best_s, block]), np.hstack([best_i, index]), k)
@@ -153,7 +192,7 @@ class Scores:
             self.shape,
             min(block, self.shape[1]),
             self.identity(),
-            self._chunks,
+            self._chunk_scores,
             overwrite=overwrite,
         )
 

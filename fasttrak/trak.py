@@ -6,7 +6,6 @@ This is the only module that knows models, tasks, projections and the store toge
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -18,11 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from fasttrak import kernel as kernel_ops
 from fasttrak.checkpoints import Checkpoint, fingerprint, load_state
 from fasttrak.data import Rows, as_rows, chunk_fingerprint, to_device
+from fasttrak.deprecation import deprecated
 from fasttrak.ensembles import DropoutMask, fixed_dropout
 from fasttrak.errors import (
     CheckpointMismatchError,
@@ -34,28 +35,21 @@ from fasttrak.errors import (
     NonFiniteGradientError,
     NotFeaturizedError,
 )
+from fasttrak.estimator import Estimator, FactorCache, kernel_factor, solve_targets
 from fasttrak.gradients import (
-    ENGINES,
-    HookGradients,
+    GradientMethod,
     ParamSpec,
-    VmapGradients,
     check_examples_independent,
     select_parameters,
 )
-from fasttrak.projection import Projector, ProjectorConfig, resolve_projector
-from fasttrak.projection.factored import Factored, FactoredProjector
+from fasttrak.projection import Featurizer, ProjectorConfig, resolve_projector
 from fasttrak.scoring import Scores
-from fasttrak.store import FEATURE_DTYPES, CheckpointStore, ChunkRecord, Store, complete_records
-from fasttrak.store.core import sources_of
+from fasttrak.store import FEATURE_DTYPES, ModelStore, Store, complete_records
 from fasttrak.store.files import held
 from fasttrak.store.verify import repair as repair_store
 from fasttrak.tasks import ImageClassification, Task
 from fasttrak.tasks.base import bind_task
-
-DEFAULT_KERNEL_BLOCKS = 4
-"""Kernel blocks when k >= 1024. Measured (docs/lds_vs_cost.md): with Gauss-Newton at
-k = 1024, 4 blocks add ~0.04 LDS at 5 models on an MLP and a CNN; blocks of 64 coordinates
-(k = 256) lose 0.05-0.17, hence no blocks below k = 1024."""
+from fasttrak.validation import is_int, positive_int
 
 
 class TRAK:
@@ -135,11 +129,11 @@ class TRAK:
             raise ConfigError(
                 f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}"
             )
-        proj_dim = _positive_int("proj_dim", proj_dim)
-        batch_size = _positive_int("batch_size", batch_size)
+        proj_dim = positive_int("proj_dim", proj_dim)
+        batch_size = positive_int("batch_size", batch_size)
         if chunk_rows is not None:
-            chunk_rows = _positive_int("chunk_rows", chunk_rows)
-        if not _is_int(seed):
+            chunk_rows = positive_int("chunk_rows", chunk_rows)
+        if not is_int(seed):
             raise ConfigTypeError(f"seed must be an integer, got {seed!r}")
         seed = int(seed)
         self.model = model
@@ -147,56 +141,33 @@ class TRAK:
         self.device = torch.device(device)
         self.seed = seed
         self.batch_size = batch_size
-        if kernel not in kernel_ops.WEIGHTINGS:
-            raise ConfigError(f"kernel must be one of {kernel_ops.WEIGHTINGS}, got {kernel!r}")
-        if precision not in ("float32", "float64"):
-            raise ConfigError(f"precision must be 'float32' or 'float64', got {precision!r}")
-        if (
-            isinstance(ridge, bool)
-            or not isinstance(ridge, (int, float, np.integer, np.floating))
-            or not math.isfinite(ridge)
-            or ridge < 0
-        ):
-            raise ConfigError(
-                f"ridge must be a finite number >= 0 (a fraction of the kernel's scale), "
-                f"got {ridge!r}"
-            )
-        self.ridge = float(ridge)
-        self.precision = precision
-        self.kernel = kernel
+        estimator = Estimator(kernel, ridge, kernel_blocks, precision)
         self.progress = progress
-        self.selected = select_parameters(model, params)
-        named = dict(model.named_parameters())
-        self.param_numels = {name: named[name].numel() for name in self.selected}
         self.projector_config = resolve_projector(projector)
         self.proj_dim = proj_dim
-        self.excluded: list[str] = []
-        """Selected parameters a factored projector leaves out (``Factored(others="exclude")``)."""
-        if isinstance(self.projector_config, Factored):
-            factored = self.projector_config
-            projector_spec = factored.spec_for(model, self.selected, proj_dim)
-            self.excluded = factored.excluded(model, self.selected)
-            self.selected = factored.covered_params(model, self.selected)
-            self.param_numels = {name: named[name].numel() for name in self.selected}
-            self.k = int(projector_spec["k"])
-        else:
-            self.k = self.projector_config.output_dim(proj_dim, sum(self.param_numels.values()))
-            projector_spec = self.projector_config.spec(self.k)
-        if kernel_blocks is None:
-            kernel_blocks = DEFAULT_KERNEL_BLOCKS if self.k >= 1024 else 1
-        kernel_blocks = _positive_int("kernel_blocks", kernel_blocks)
-        self.kernel_blocks = kernel_blocks
-        kernel_ops.block_slices(self.k, kernel_blocks)  # raises for a bad number of blocks
+        self.layout = self.projector_config.layout(
+            model, select_parameters(model, params), proj_dim
+        )
+        self.params = self.layout.params
+        """The attributed parameters, in feature order."""
+        self.excluded = self.layout.excluded
+        """Selected parameters the projector leaves out (``Factored(others="exclude")``)."""
+        named = dict(model.named_parameters())
+        self.param_numels = {name: named[name].numel() for name in self.params}
+        self.k = self.layout.k
+        self.estimator = estimator.for_dim(self.k)
+        """The default estimator of :meth:`score` (``kernel``, ``ridge``, ``kernel_blocks``,
+        ``precision`` of the constructor)."""
         meta = {
             "task": self.task.spec(),
-            "projector": projector_spec,
+            "projector": self.layout.spec,
             "seed": seed,
             "k": self.k,
-            "params": {name: list(named[name].shape) for name in self.selected},
+            "params": {name: list(named[name].shape) for name in self.params},
             "feature_dtype": feature_dtype,
         }
-        if engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.gradients = GradientMethod(engine, vmap_chunk_size)
+        self.engine = self.gradients.engine
         if store is not None and not isinstance(store, (str, os.PathLike)):
             raise ConfigTypeError(
                 f"store= takes a directory path or None (in memory), got {type(store).__name__}"
@@ -204,11 +175,15 @@ class TRAK:
         if store is not None and not str(store).strip():
             raise ConfigError("store= is an empty path; pass a directory path or None")
         self.store = Store.open(store, meta, chunk_rows=chunk_rows)
-        self.engine = "hooks" if engine == "auto" else engine
-        self.vmap_chunk_size = vmap_chunk_size
-        self._members: dict[int, _Member] = {}  # by model id, from the last featurize
-        self._projector_of: tuple[int, Projector] | None = None  # only the current model's
-        self._factors: dict[tuple[int, str, str], np.ndarray] = {}  # when the store is read-only
+        self._checkpoints: dict[int, _Checkpoint] = {}  # by model id, from the last featurize
+        self._featurizer_of: tuple[int, Featurizer] | None = None  # only the current model's
+        self._factors: FactorCache = {}  # when the store is read-only
+
+    @property
+    def selected(self) -> list[str]:
+        """Deprecated name of :attr:`params`."""
+        deprecated("TRAK.selected", "TRAK.params")
+        return self.params
 
     # ------------------------------------------------------------------ featurize
     def featurize(
@@ -249,9 +224,9 @@ class TRAK:
         n = len(rows)
         if n == 0:
             raise DataError("the training set is empty; pass a dataset with at least one example")
-        members = self._load_members(checkpoints)
-        ids = _model_ids(model_ids, len(members))
-        self._check_first_batch(rows, members[0].state)
+        loaded = self._load_checkpoints(checkpoints)
+        ids = _model_ids(model_ids, len(loaded))
+        self._check_first_batch(rows, loaded[0].state, ids[0])
         if repair:  # first, so that a damaged record of n or of a model is restored too
             report = repair_store(self.store, models=ids)
             if report.problems:
@@ -260,22 +235,22 @@ class TRAK:
         # Chunks left to compute per model: None for a model that is new (or replaced with
         # overwrite=True) and so has all of them. Workers claim each chunk and skip those
         # another process finished meanwhile, so the lists may go stale safely.
-        pending = {m: self._pending(m, member) for m, member in zip(ids, members, strict=True)}
+        pending = {m: self._pending(m, ckpt) for m, ckpt in zip(ids, loaded, strict=True)}
         self._check_done_rows(rows, pending, check_data)
-        for m, member in zip(ids, members, strict=True):
+        for m, ckpt in zip(ids, loaded, strict=True):
             if pending[m] == []:  # stored complete from these weights (also read-only stores)
                 continue
-            with self.store.writing(m, member.fingerprint, overwrite) as ck:
-                todo = pending[m] if pending[m] is not None else ck.pending_chunks()
+            with self.store.writing(m, ckpt.fingerprint, overwrite) as stored:
+                todo = pending[m] if pending[m] is not None else stored.pending_chunks()
                 if todo:
-                    self._featurize_model(rows, ck, member, todo)
-        self._members.update(zip(ids, members, strict=True))
+                    self._featurize_model(rows, stored, ckpt, todo)
+        self._checkpoints.update(zip(ids, loaded, strict=True))
 
-    def _pending(self, m: int, member: _Member) -> list[int] | None:
+    def _pending(self, m: int, ckpt: _Checkpoint) -> list[int] | None:
         """Model m's unfinished chunks if it is stored from these weights, else None."""
-        if self.store.stored_fingerprint(m) != member.fingerprint:
+        if self.store.stored_fingerprint(m) != ckpt.fingerprint:
             return None
-        return self.store.checkpoint(m).pending_chunks()
+        return self.store.model(m).pending_chunks()
 
     def check_data(self, train_set: Any, batch_size: int | None = None) -> int:
         """Check every chunk of ``train_set`` against the rows the store was featurized with,
@@ -315,12 +290,12 @@ class TRAK:
                 self.store.check_rows(c, chunk_fingerprint(piece))
 
     def _featurize_model(
-        self, rows: Rows, ck: CheckpointStore, member: _Member, pending: list[int]
+        self, rows: Rows, stored: ModelStore, ckpt: _Checkpoint, pending: list[int]
     ) -> None:
         """Compute every pending chunk of one model: first those no other process has
         claimed, then (waiting for their claims) those another process was computing."""
-        m = ck.model_id
-        size = sum(ck.chunk_slice(c).stop - ck.chunk_slice(c).start for c in pending)
+        m = stored.model_id
+        size = sum(stored.chunk_slice(c).stop - stored.chunk_slice(c).start for c in pending)
         bar = tqdm(
             total=size,
             desc=f"featurize model {m}",
@@ -328,37 +303,38 @@ class TRAK:
             disable=not self.progress,
             leave=False,
         )
-        with bar, self._eval_mode(), fixed_dropout(self.model, member.mask, self.seed):
-            device_state = self._to_device(member.state)
+        with bar, self._eval_mode(), fixed_dropout(self.model, ckpt.mask, self.seed):
+            device_state = self._to_device(ckpt.state)
             task = self._bind(device_state)
             waiting = []
             for c in pending:
-                claim = ck.claim(c, wait=False)
+                claim = stored.claim(c, wait=False)
                 if claim is None:  # another process is computing it
                     waiting.append(c)
                     continue
                 with held(claim):
-                    self._featurize_chunk(rows, ck, c, device_state, task, bar)
+                    self._featurize_chunk(rows, stored, c, device_state, task, bar)
             for c in waiting:
-                with held(ck.claim(c, wait=True)):
-                    self._featurize_chunk(rows, ck, c, device_state, task, bar)
+                with held(stored.claim(c, wait=True)):
+                    self._featurize_chunk(rows, stored, c, device_state, task, bar)
 
     def _featurize_chunk(
         self,
         rows: Rows,
-        ck: CheckpointStore,
+        stored: ModelStore,
         c: int,
         state: dict[str, Tensor],
         task: Task,
         bar: Any,
     ) -> None:
         """Compute and write chunk c (the caller holds its claim), unless it is done."""
-        chunk = ck.chunk_slice(c)
-        if ck.done(c) is not None:  # finished by another process meanwhile
+        chunk = stored.chunk_slice(c)
+        if stored.done(c) is not None:  # finished by another process meanwhile
             bar.update(chunk.stop - chunk.start)
             return
-        phi, q, hashes = self._features(rows, chunk, state, ck.model_id, task, bar)
-        ck.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy(), chunk_fingerprint(hashes))
+        phi, q, hashes = self._features(rows, chunk, state, stored.model_id, task, bar)
+        with record_function("fasttrak.write"):
+            stored.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy(), chunk_fingerprint(hashes))
 
     def _check_done_rows(
         self, rows: Rows, pending: dict[int, list[int] | None], check_data: str
@@ -380,71 +356,78 @@ class TRAK:
         others = sorted({*others, recorded[0], recorded[-1]})
         self._check_rows(rows, others)
 
+    def features(
+        self,
+        dataset: Any,
+        checkpoint: Checkpoint | DropoutMask | None = None,
+        model_id: int = 0,
+        batch_size: int | None = None,
+    ) -> Features:
+        """Features φ (n, k) and Q (n,) of every example of ``dataset`` for one checkpoint,
+        with model ``model_id``'s projection: what :meth:`featurize` stores for training
+        rows and :meth:`score` computes for targets. Nothing is read from or written to
+        the store."""
+        if not is_int(model_id) or model_id < 0:
+            raise ConfigError(f"model_id must be a non-negative integer, got {model_id!r}")
+        rows = as_rows(dataset, batch_size or self.batch_size)
+        if len(rows) == 0:
+            raise DataError("the dataset is empty; pass at least one example")
+        (ckpt,) = self._load_checkpoints([checkpoint])  # type: ignore[list-item]
+        self._check_first_batch(rows, ckpt.state, int(model_id))
+        with self._eval_mode(), fixed_dropout(self.model, ckpt.mask, self.seed):
+            state = self._to_device(ckpt.state)
+            everything = slice(0, len(rows))
+            phi, q, _ = self._features(
+                rows, everything, state, int(model_id), self._bind(state), hashes=False
+            )
+        return Features(phi.cpu().numpy(), q.cpu().numpy())
+
+    def featurizer(self, model_id: int) -> Featurizer:
+        """Model ``model_id``'s projection (built on first use). Only one is held at a
+        time: a cached dense matrix can take up to ``cache_bytes`` (1 GiB by default), so
+        holding one per model would not scale."""
+        if self._featurizer_of is None or self._featurizer_of[0] != model_id:
+            self._featurizer_of = None  # release the previous matrix before building the next
+            built = self.projector_config.featurizer(
+                self.model, self.layout, self.seed, model_id, self.device, self.gradients
+            )
+            self._featurizer_of = (model_id, built)
+        return self._featurizer_of[1]
+
     def _features(
         self,
         rows: Rows,
-        chunk: slice,
+        span: slice,
         state: dict[str, Tensor],
-        m: int,
+        model_id: int,
         task: Task,
         bar: Any = None,
         hashes: bool = True,
     ) -> tuple[Tensor, Tensor, np.ndarray]:
         """Features (rows, k), Q (rows,) and per-row data hashes (rows,; empty when not
-        ``hashes``) of one row range for model m, whose weights are ``state`` and whose
-        (bound) task is ``task``.
-
-        Gradients are projected per batch when the projection is cached, or gathered into
-        groups of ``projector.group_rows`` rows when it is generated block by block.
-        """
-        projector = self._projector(m)
-        engine = self._gradient_engine(task)
-        feats: list[Tensor] = []
+        ``hashes``) of one row range for one model, whose weights are ``state`` and whose
+        (bound) task is ``task``. Q and the hashes are taken as the featurizer reads each
+        batch; non-finite values are errors naming the rows."""
         qs: list[Tensor] = []
         row_hashes: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)]
-        group: list[list[Tensor]] = []  # per batch: per-parameter gradient blocks (B, p_i)
-        group_start, group_size = chunk.start, 0
-        for where, batch, *batch_hashes in rows.batches(chunk, with_hashes=hashes):
-            row_hashes.extend(batch_hashes)
-            batch = to_device(batch, self.device)
-            task.check_batch(batch)
-            with torch.no_grad():
-                qs.append(task.out_to_loss(self._forward(state), batch).float())
-            self._check_finite(qs[-1], where.start, m)
-            if isinstance(projector, FactoredProjector):  # features straight from layer hooks
-                feats.append(projector.features(self.model, task, state, batch))
-                self._check_finite(feats[-1], where.start, m)
+
+        def batches() -> Iterator[tuple[slice, Any]]:
+            for where, batch, *batch_hashes in rows.batches(span, with_hashes=hashes):
+                row_hashes.extend(batch_hashes)
+                batch = to_device(batch, self.device)
+                task.check_batch(batch)
+                with torch.no_grad(), record_function("fasttrak.out_to_loss"):
+                    qs.append(task.out_to_loss(self._forward(state), batch).float())
+                self._check_finite(qs[-1], where.start, model_id)
+                yield where, batch
                 if bar is not None:
                     bar.update(where.stop - where.start)
-                continue
-            group.append(engine.parts(state, batch))
-            group_size += where.stop - where.start
-            if group_size >= projector.group_rows:
-                feats.append(self._project(projector, group, group_start, m))
-                group, group_start, group_size = [], where.stop, 0
-            if bar is not None:
-                bar.update(where.stop - where.start)
-        if group:
-            feats.append(self._project(projector, group, group_start, m))
-        return torch.cat(feats), torch.cat(qs), np.concatenate(row_hashes)
 
-    def _project(
-        self, projector: Projector, group: list[list[Tensor]], start: int, m: int
-    ) -> Tensor:
-        """Project a group of batches. Non-finite gradients show as non-finite features: every
-        projector sends each gradient coordinate to at least one output with a nonzero weight."""
-        if len(group) == 1:
-            parts = group[0]
-        else:  # per parameter, releasing each batch's piece once copied: one copy at a time
-            parts = []
-            for i in range(len(group[0])):
-                parts.append(torch.cat([batch[i] for batch in group]))
-                for batch in group:
-                    batch[i] = None  # type: ignore[call-overload]
-        group.clear()
-        features = projector.project(parts)
-        self._check_finite(features, start, m)
-        return features
+        feats = []
+        for where, phi in self.featurizer(model_id).features(state, task, batches()):
+            self._check_finite(phi, where.start, model_id)
+            feats.append(phi)
+        return torch.cat(feats), torch.cat(qs), np.concatenate(row_hashes)
 
     @staticmethod
     def _check_finite(values: Tensor, start: int, m: int) -> None:
@@ -460,86 +443,50 @@ class TRAK:
             )
 
     # ------------------------------------------------------------------ finalize
-    def finalize(self, models: Sequence[int] | None = None) -> None:
-        """Build (or load) the kernel factor of every model in the store (or of ``models``)."""
-        ids = self._stored_ids(models)
+    def finalize(
+        self,
+        model_ids: Sequence[int] | None = None,
+        estimator: Estimator | None = None,
+        *,
+        models: Sequence[int] | None = None,
+    ) -> None:
+        """Build (or load) the kernel factor of every model in the store (or of
+        ``model_ids``) for ``estimator`` (default :attr:`estimator`)."""
+        ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
+        chosen = self._estimator(estimator)
         for m in ids:
-            ck = self.store.checkpoint(m)
-            self._factor(ck, complete_records(ck))
+            stored = self.store.model(m)
+            kernel_factor(stored, complete_records(stored), chosen, self._factors)
 
-    def _kernel_settings(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """What keys the cached gram and factor: they are rebuilt when any of it changes."""
-        gram: dict[str, Any] = {"kernel": self.kernel, "precision": self.precision}
-        if self.kernel == "gauss_newton":  # grams of other guards (or none) are not reused
-            gram["guard"] = kernel_ops.GAUSS_NEWTON_GUARD
-        factor = {
-            **gram,
-            "ridge": self.ridge,
-            "relative_to": "trace/min(n,k)",
-            "blocks": self.kernel_blocks,
-        }
-        return gram, factor
+    def _estimator(self, estimator: Estimator | None) -> Estimator:
+        if estimator is None:
+            return self.estimator
+        if not isinstance(estimator, Estimator):
+            raise ConfigTypeError(
+                f"estimator= takes an ft.Estimator(kernel=..., ridge=..., kernel_blocks=..., "
+                f"precision=...), got {type(estimator).__name__}"
+            )
+        return estimator.for_dim(self.k)
 
-    def _factor(self, ck: CheckpointStore, records: dict[int, ChunkRecord]) -> np.ndarray:
-        """Per-block Cholesky factors (B, s, s) of model m's kernel, built from these chunks,
-        cached in the store (or in memory, for a read-only store)."""
-        gram_settings, factor_settings = self._kernel_settings()
-        memory_key = (ck.model_id, sources_of(records), str(sorted(factor_settings.items())))
-        if memory_key in self._factors:
-            return self._factors[memory_key]
-        factor = ck.read_kernel("factor", factor_settings, records)
-        if factor is not None:
-            return factor
-        gram = ck.read_kernel("gram", gram_settings, records)
-        if gram is None:
-            gram = kernel_ops.gram(self._kernel_rows(ck, records), self.k, self.precision)
-            if self.store.writable:
-                rows = max(1, min(self.k, 2**21 // self.k))  # chunks of <= 16 MiB
-                ck.write_kernel("gram", gram_settings, records, gram, (rows, self.k))
-        factor = kernel_ops.block_diagonal_factor(
-            gram, self.ridge, ck.num_rows, self.kernel_blocks, weighting=self.kernel
-        )
-        if self.store.writable:
-            ck.write_kernel("factor", factor_settings, records, factor, (1, *factor.shape[1:]))
-        else:
-            self._factors[memory_key] = factor
-        return factor
-
-    def _kernel_rows(
-        self, ck: CheckpointStore, records: dict[int, ChunkRecord]
-    ) -> Iterator[np.ndarray]:
-        """Verified row blocks of Φ, or of R^½ Φ for the Gauss-Newton kernel."""
-        weights = None
-        q = ck.read_all("q", records)
-        if self.kernel == "gauss_newton":  # guarded against saturation; warns when it acts
-            r = kernel_ops.gauss_newton_weights(q, k=self.k, model=ck.model_id)
-            weights = np.sqrt(r)
-        else:
-            kernel_ops.warn_if_saturated(q, model=ck.model_id)
-        for c in range(ck.num_chunks):
-            block = np.asarray(ck.read("features", records[c]), dtype=np.float32)
-            if weights is not None:
-                rows = ck.chunk_slice(c)
-                block = block * weights[rows].astype(np.float32)[:, None]
-            yield block
-
-    def _stored_ids(self, models: Sequence[int] | None) -> list[int]:
+    def _stored_ids(self, model_ids: Sequence[int] | None) -> list[int]:
         """The requested model ids (default: all stored), each stored."""
-        stored = self.store.checkpoint_ids()
+        stored = self.store.model_ids()
         if not stored:
             raise NotFeaturizedError(
                 "nothing is featurized yet: call trak.featurize(train_set, checkpoints=[...]) first"
             )
-        if models is None:
+        if model_ids is None:
             return stored
-        ids = list(models)
-        if not all(_is_int(m) for m in ids):
-            raise ConfigTypeError(f"models= must list integer model ids, got {ids}")
+        if isinstance(model_ids, (int, np.integer)):
+            raise ConfigTypeError(f"model_ids= takes a list of ids: [{model_ids}]")
+        ids = list(model_ids)
+        if not all(is_int(m) for m in ids):
+            raise ConfigTypeError(f"model_ids= must list integer model ids, got {ids}")
         ids = [int(m) for m in ids]
         unknown = sorted(set(ids) - set(stored))
         if unknown or not ids or len(set(ids)) != len(ids):
             raise ConfigError(
-                f"models= must list distinct stored model ids {stored}; got {list(models)}"
+                f"model_ids= must list distinct stored model ids {stored}; got {list(model_ids)}"
             )
         return ids
 
@@ -549,76 +496,66 @@ class TRAK:
         targets: Any,
         checkpoints: Sequence[Checkpoint | DropoutMask] | None = None,
         batch_size: int | None = None,
+        model_ids: Sequence[int] | None = None,
+        estimator: Estimator | None = None,
+        *,
         models: Sequence[int] | None = None,
     ) -> Scores:
         """Scores of every training example for each target: ``(n_targets, n_train)``.
 
-        Uses every model in the store (or the model ids in ``models``, e.g. ``range(5)`` of
+        Uses every model in the store (or the ids in ``model_ids``, e.g. ``range(5)`` of
         20, to see how LDS grows with the number of models), each of which must be fully
         featurized. Their checkpoints are those of the last :meth:`featurize` call, or
-        ``checkpoints``: one per model id, in the order of the ids.
+        ``checkpoints``: one per model id, in the order of the ids. ``estimator``
+        (default :attr:`estimator`) says how the kernel is built: the stored features
+        serve every estimator, and each one's factor is cached in the store.
         """
-        ids = self._stored_ids(models)
-        cks = [self.store.checkpoint(m) for m in ids]
-        records = [complete_records(ck) for ck in cks]
+        ids = self._stored_ids(_renamed_ids(model_ids, models, "score"))
+        chosen = self._estimator(estimator)
+        stored = [self.store.model(m) for m in ids]
+        records = [complete_records(s) for s in stored]
         if checkpoints is not None:
-            members = self._load_members(checkpoints)
-            if len(members) != len(ids):
+            loaded = self._load_checkpoints(checkpoints)
+            if len(loaded) != len(ids):
                 raise ConfigError(
-                    f"the store holds features of {len(ids)} models {ids} but {len(members)} "
+                    f"the store holds features of {len(ids)} models {ids} but {len(loaded)} "
                     "checkpoints were given; pass one per model id, in the order of the ids"
                 )
-        elif all(m in self._members for m in ids):
-            members = [self._members[m] for m in ids]
+        elif all(m in self._checkpoints for m in ids):
+            loaded = [self._checkpoints[m] for m in ids]
         else:
             raise NotFeaturizedError(
                 f"this TRAK object has no checkpoints for models {ids}: pass checkpoints= "
                 "(one per model id, in order) to score on an existing store"
             )
-        for ck, member in zip(cks, members, strict=True):
-            if ck.fingerprint != member.fingerprint:
+        for model, ckpt in zip(stored, loaded, strict=True):
+            if model.fingerprint != ckpt.fingerprint:
                 raise CheckpointMismatchError(
-                    f"checkpoint of model {ck.model_id} differs from the one whose training "
+                    f"checkpoint of model {model.model_id} differs from the one whose training "
                     "features are stored; pass the same checkpoints, in the same order, as to "
                     "featurize"
                 )
         target_rows = as_rows(targets, batch_size or self.batch_size)
         if len(target_rows) == 0:
             raise DataError("the target set is empty; pass at least one target example")
-        self._check_first_batch(target_rows, members[0].state)
+        self._check_first_batch(target_rows, loaded[0].state, ids[0])
         solved = []
         with self._eval_mode():
-            for ck, done, member in zip(cks, records, members, strict=True):
-                with fixed_dropout(self.model, member.mask, self.seed):
-                    state = self._to_device(member.state)
+            for model, done, ckpt in zip(stored, records, loaded, strict=True):
+                with fixed_dropout(self.model, ckpt.mask, self.seed):
+                    state = self._to_device(ckpt.state)
                     everything, task = slice(0, len(target_rows)), self._bind(state)
                     phi, _, _ = self._features(
-                        target_rows, everything, state, ck.model_id, task, hashes=False
+                        target_rows, everything, state, model.model_id, task, hashes=False
                     )
-                # Mean over the kernel's blocks: Σ_b Φ_b K_bb⁻¹ φ_b / B.
-                factor = self._factor(ck, done)
-                solved.append(kernel_ops.solve(factor, phi.cpu().T) / self.kernel_blocks)
-        return Scores(list(zip(cks, records, strict=True)), solved)
+                factor = kernel_factor(model, done, chosen, self._factors)
+                solved.append(solve_targets(factor, phi, chosen))
+        return Scores(list(zip(stored, records, strict=True)), solved)
 
     # ------------------------------------------------------------------ helpers
-    def _projector(self, m: int) -> Projector:
-        """Model m's projector. Only one is held at a time: a cached dense matrix can take
-        up to ``cache_bytes`` (1 GiB by default), so holding one per model would not scale."""
-        if self._projector_of is None or self._projector_of[0] != m:
-            self._projector_of = None  # release the previous matrix before building the next
-            config = self.projector_config
-            if isinstance(config, Factored):
-                built: Projector = config.build_factored(
-                    self.model, self.selected, self.proj_dim, self.seed, m, self.device
-                )
-            else:
-                built = config.build(self.param_numels, self.k, self.seed, m, self.device)
-            self._projector_of = (m, built)
-        return self._projector_of[1]
-
-    def _load_members(
+    def _load_checkpoints(
         self, checkpoints: Sequence[Checkpoint | DropoutMask] | None
-    ) -> list[_Member]:
+    ) -> list[_Checkpoint]:
         """The ensemble: each checkpoint's weights, dropout mask (or None) and fingerprint."""
         if checkpoints is None:
             checkpoints = [None]  # type: ignore[list-item]
@@ -628,17 +565,17 @@ class TRAK:
             )
         if len(checkpoints) == 0:
             raise ConfigError("checkpoints= is empty; pass at least one state dict or path")
-        members = []
+        loaded = []
         for checkpoint in checkpoints:
             mask = checkpoint.mask if isinstance(checkpoint, DropoutMask) else None
             raw = checkpoint.checkpoint if isinstance(checkpoint, DropoutMask) else checkpoint
             state = load_state(self.model, raw)
             print_ = fingerprint(state) + ("" if mask is None else f"+dropout{mask}")
-            members.append(_Member(state, mask, print_))
-        if any(member.mask is not None for member in members):
+            loaded.append(_Checkpoint(state, mask, print_))
+        if any(ckpt.mask is not None for ckpt in loaded):
             with fixed_dropout(self.model, 0, self.seed):  # raises if the model has no dropout
                 pass
-        return members
+        return loaded
 
     def _to_device(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: t.to(self.device) for name, t in state.items()}
@@ -649,7 +586,7 @@ class TRAK:
 
         return forward
 
-    def _check_first_batch(self, rows: Rows, state: dict[str, Tensor]) -> None:
+    def _check_first_batch(self, rows: Rows, state: dict[str, Tensor], model_id: int) -> None:
         """Validate the data's form on one small batch before anything is written, and
         that examples do not interact when an engine backpropagates the batch's sum."""
         _, batch = next(rows.batches(slice(0, min(len(rows), 2))))
@@ -671,7 +608,7 @@ class TRAK:
                     "the model expects (e.g. float16 inputs for a float16 model, or run the "
                     "model in float32: model.float(), which fasttrak recommends for gradients)"
                 ) from error
-            if self.engine == "hooks" or isinstance(self.projector_config, Factored):
+            if self.featurizer(model_id).sums_over_batch:
                 check_examples_independent(task, forward, batch)
 
     def _bind(self, state: dict[str, Tensor]) -> Task:
@@ -679,11 +616,6 @@ class TRAK:
         negative embeddings). Call with the model in eval mode and its dropout masks on."""
         with torch.no_grad():
             return bind_task(self.task, self._forward(state), self.device)
-
-    def _gradient_engine(self, task: Task) -> HookGradients | VmapGradients:
-        if self.engine == "hooks":
-            return HookGradients(self.model, task, self.selected)
-        return VmapGradients(self.model, task, self.selected, self.vmap_chunk_size)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -697,7 +629,15 @@ class TRAK:
 
 
 @dataclass(frozen=True)
-class _Member:
+class Features:
+    """Features of a dataset for one model: ``phi`` (n, k) and ``q`` (n,), float32."""
+
+    phi: np.ndarray
+    q: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
     """One model of the ensemble: weights (CPU), dropout-mask member or None, fingerprint."""
 
     state: dict[str, Tensor]
@@ -708,18 +648,16 @@ class _Member:
 CHECK_DATA = ("auto", "full", "sample")
 
 
-def _is_int(value: Any) -> bool:
-    """An integer (Python or numpy), not a bool or a float."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    """``value`` as an int if it is a positive integer (not a bool or a float)."""
-    if not _is_int(value):
-        raise ConfigTypeError(f"{name} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+def _renamed_ids(
+    model_ids: Sequence[int] | None, models: Sequence[int] | None, method: str
+) -> Sequence[int] | None:
+    """``model_ids``, or the deprecated ``models=`` keyword (with a warning)."""
+    if models is None:
+        return model_ids
+    deprecated(f"TRAK.{method}(models=...)", f"TRAK.{method}(model_ids=...)", stacklevel=4)
+    if model_ids is not None:
+        raise ConfigError("pass model_ids= only (models= is its deprecated name)")
+    return models
 
 
 def _model_ids(model_ids: Sequence[int] | None, count: int) -> list[int]:
@@ -729,7 +667,7 @@ def _model_ids(model_ids: Sequence[int] | None, count: int) -> list[int]:
     if isinstance(model_ids, (int, np.integer)):
         raise ConfigTypeError("model_ids= takes a list of ids, one per checkpoint: [7]")
     ids = list(model_ids)
-    if not all(_is_int(m) and m >= 0 for m in ids):
+    if not all(is_int(m) and m >= 0 for m in ids):
         raise ConfigError(f"model_ids must be non-negative integers, got {ids}")
     if len(ids) != count or len(set(ids)) != len(ids):
         raise ConfigError(f"model_ids= needs one distinct id per checkpoint ({count}), got {ids}")

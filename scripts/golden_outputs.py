@@ -72,8 +72,10 @@ def perturbed(model: nn.Module, count: int) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return [
-        {k: v + 0.05 * i * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-         for k, v in base.items()}
+        {
+            k: v + 0.05 * i * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
         for i in range(count)
     ]
 
@@ -132,8 +134,16 @@ def cases() -> dict[str, Callable[[], dict[str, str]]]:
             if projector == "factored" and engine == "vmap":
                 continue
             out[f"mlp/{projector}/{engine}"] = lambda projector=projector, engine=engine: run(
-                model, (x, y), (xt, yt), perturbed(model, 2), kernels, proj_dim=64,
-                projector=projector, engine=engine, chunk_rows=128, batch_size=50,
+                model,
+                (x, y),
+                (xt, yt),
+                perturbed(model, 2),
+                kernels,
+                proj_dim=64,
+                projector=projector,
+                engine=engine,
+                chunk_rows=128,
+                batch_size=50,
             )
     configured = {
         "dense-streamed": ft.projection.Dense(distribution="gaussian", cache_bytes=4096),
@@ -143,18 +153,41 @@ def cases() -> dict[str, Callable[[], dict[str, str]]]:
     }
     for name, config in configured.items():
         out[f"mlp/{name}"] = lambda config=config: run(
-            model, (x, y), (xt, yt), perturbed(model, 2), kernels[:1], proj_dim=128,
-            projector=config, batch_size=32,
+            model,
+            (x, y),
+            (xt, yt),
+            perturbed(model, 2),
+            kernels[:1],
+            proj_dim=128,
+            projector=config,
+            batch_size=32,
         )
     out["mlp/dropout-ensemble"] = lambda: run(
-        model, (x, y), (xt, yt), ft.dropout_ensemble(model.state_dict(), size=3), kernels[:1],
-        proj_dim=64, vmap_chunk_size=None,
+        model,
+        (x, y),
+        (xt, yt),
+        ft.dropout_ensemble(model.state_dict(), size=3),
+        kernels[:1],
+        proj_dim=64,
+        vmap_chunk_size=None,
     )
     out["mlp/float16-store"] = lambda: run(
-        model, (x, y), (xt, yt), None, kernels[:1], proj_dim=64, feature_dtype="float16",
+        model,
+        (x, y),
+        (xt, yt),
+        None,
+        kernels[:1],
+        proj_dim=64,
+        feature_dtype="float16",
     )
     out["mlp/params"] = lambda: run(
-        model, (x, y), (xt, yt), None, kernels[:1], proj_dim=32, params=["0.weight", "!*.bias"],
+        model,
+        (x, y),
+        (xt, yt),
+        None,
+        kernels[:1],
+        proj_dim=32,
+        params=["0.weight", "!*.bias"],
     )
     for projector in ("srht", "dense", "factored"):
         for engine in ("hooks", "vmap"):
@@ -162,16 +195,31 @@ def cases() -> dict[str, Callable[[], dict[str, str]]]:
                 continue
             extra = {"params": ["conv.*", "reflect.*", "fc.*"]} if projector == "factored" else {}
             out[f"cnn/{projector}/{engine}"] = lambda p=projector, e=engine, extra=extra: run(
-                cnn, (images, labels), (images[:10], labels[:10]), perturbed(cnn, 2), kernels[:2],
-                proj_dim=48, projector=p, engine=e, batch_size=40, **extra,
+                cnn,
+                (images, labels),
+                (images[:10], labels[:10]),
+                perturbed(cnn, 2),
+                kernels[:2],
+                proj_dim=48,
+                projector=p,
+                engine=e,
+                batch_size=40,
+                **extra,
             )
     for projector in ("srht", "factored"):
         for engine in ("hooks", "vmap"):
             if projector == "factored" and engine == "vmap":
                 continue
             out[f"bag/{projector}/{engine}"] = lambda p=projector, e=engine: run(
-                bag, (ids, ids_y), (ids[:10], ids_y[:10]), None, kernels[:1], proj_dim=48,
-                projector=p, engine=e, batch_size=32,
+                bag,
+                (ids, ids_y),
+                (ids[:10], ids_y[:10]),
+                None,
+                kernels[:1],
+                proj_dim=48,
+                projector=p,
+                engine=e,
+                batch_size=32,
             )
     try:
         import transformers
@@ -190,15 +238,27 @@ def hf_cases(transformers: Any) -> dict[str, Callable[[], dict[str, str]]]:
     torch.manual_seed(0)
     bert = transformers.BertForSequenceClassification(
         transformers.BertConfig(
-            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=32, max_position_embeddings=32, num_labels=3,
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            num_labels=3,
         )
     ).eval()
     torch.manual_seed(0)
     t5 = transformers.T5ForConditionalGeneration(
         transformers.T5Config(
-            vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            vocab_size=50,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
         )
     ).eval()
     gen = torch.Generator().manual_seed(5)
@@ -207,8 +267,11 @@ def hf_cases(transformers: Any) -> dict[str, Callable[[], dict[str, str]]]:
     mask = torch.ones(n, t, dtype=torch.long)
     mask[::2, 6:] = 0
     lm_rows = [
-        {"input_ids": ids[i], "attention_mask": mask[i],
-         "labels": torch.where(mask[i].bool() & (torch.arange(t) >= 2), ids[i], -100)}
+        {
+            "input_ids": ids[i],
+            "attention_mask": mask[i],
+            "labels": torch.where(mask[i].bool() & (torch.arange(t) >= 2), ids[i], -100),
+        }
         for i in range(n)
     ]
     cls_rows = [
@@ -221,23 +284,57 @@ def hf_cases(transformers: Any) -> dict[str, Callable[[], dict[str, str]]]:
     conv1d = transformers.pytorch_utils.Conv1D
     return {
         "gpt2/srht/hooks": lambda: run(
-            gpt2, lm_rows, lm_rows[:4], None, None, task=ft.tasks.LanguageModeling(),
-            proj_dim=64, batch_size=8,
+            gpt2,
+            lm_rows,
+            lm_rows[:4],
+            None,
+            None,
+            task=ft.tasks.LanguageModeling(),
+            proj_dim=64,
+            batch_size=8,
         ),
         "gpt2/factored/hooks": lambda: run(
-            gpt2, lm_rows, lm_rows[:4], None, None, task=ft.tasks.LanguageModeling(),
-            proj_dim=64, batch_size=8, projector="factored", params=[conv1d],
+            gpt2,
+            lm_rows,
+            lm_rows[:4],
+            None,
+            None,
+            task=ft.tasks.LanguageModeling(),
+            proj_dim=64,
+            batch_size=8,
+            projector="factored",
+            params=[conv1d],
         ),
         "bert/srht/hooks": lambda: run(
-            bert, cls_rows, cls_rows[:4], None, None, task=ft.tasks.TextClassification(),
-            proj_dim=64, batch_size=8,
+            bert,
+            cls_rows,
+            cls_rows[:4],
+            None,
+            None,
+            task=ft.tasks.TextClassification(),
+            proj_dim=64,
+            batch_size=8,
         ),
         "bert/factored/hooks": lambda: run(
-            bert, cls_rows, cls_rows[:4], None, None, task=ft.tasks.TextClassification(),
-            proj_dim=64, batch_size=8, projector="factored", params=[nn.Linear],
+            bert,
+            cls_rows,
+            cls_rows[:4],
+            None,
+            None,
+            task=ft.tasks.TextClassification(),
+            proj_dim=64,
+            batch_size=8,
+            projector="factored",
+            params=[nn.Linear],
         ),
         "t5/srht/hooks": lambda: run(
-            t5, s2s_rows, s2s_rows[:4], None, None, task=ft.tasks.Seq2Seq(), proj_dim=64,
+            t5,
+            s2s_rows,
+            s2s_rows[:4],
+            None,
+            None,
+            task=ft.tasks.Seq2Seq(),
+            proj_dim=64,
             batch_size=8,
         ),
     }

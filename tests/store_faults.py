@@ -152,7 +152,7 @@ def resume_run(work: str, out: str, variant: str = "plain") -> None:
     store = Store.open_existing(work_path / "store")
     arrays = {"scores": dense, "saved": ft.load_scores(work_path / "scores.zarr")}
     for m in range(MODELS):
-        ck = store.checkpoint(m)
+        ck = store.model(m)
         arrays[f"features{m}"] = ck.features()
         arrays[f"q{m}"] = ck.q()
     report = ft.verify_store(work_path / "store")

@@ -55,13 +55,13 @@ def make_trak(store: str, **settings) -> ft.TRAK:
 
 
 def _logging_writes(log: list) -> None:
-    original = core.CheckpointStore.write_chunk
+    original = core.ModelStore.write_chunk
 
     def write_chunk(self, c, *args, **kwargs):
         original(self, c, *args, **kwargs)
         log.append([self.model_id, c])
 
-    core.CheckpointStore.write_chunk = write_chunk
+    core.ModelStore.write_chunk = write_chunk
 
 
 def featurize(store: str, seeds: list[int], ids: list[int] | None, barrier, out: str, **kw):

@@ -41,14 +41,14 @@ def test_members_use_their_own_fixed_mask_exactly():
     x, y = make_data(12)
     trak = ft.TRAK(model, projector="identity", progress=False)
     trak.featurize((x, y), checkpoints=ft.dropout_ensemble(model.state_dict(), 3))
-    assert trak.store.checkpoint_ids() == [0, 1, 2]
+    assert trak.store.model_ids() == [0, 1, 2]
     assert model[2].training is True  # the user's model is left as it was
-    features = [trak.store.checkpoint(m).features() for m in range(3)]
+    features = [trak.store.model(m).features() for m in range(3)]
     for m in range(3):
         expected = masked_loop_gradients(model, x, y, m, seed=0)
         np.testing.assert_allclose(features[m], expected, rtol=1e-4, atol=1e-6)
     assert not np.allclose(features[0], features[1])
-    assert len({trak.store.checkpoint(m).fingerprint for m in range(3)}) == 3
+    assert len({trak.store.model(m).fingerprint for m in range(3)}) == 3
 
 
 def test_dropout_ensemble_scores_are_reproducible(tmp_path):

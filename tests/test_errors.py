@@ -16,7 +16,7 @@ from fasttrak.store import Store
 def untouched(path) -> bool:
     """True when the store holds no training-set size and no checkpoint."""
     store = Store.open_existing(path)
-    return store.num_train is None and not store.checkpoint_ids()
+    return store.num_train is None and not store.model_ids()
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_nan_gradient_names_the_rows_and_writes_nothing_of_that_chunk(tmp_path):
     trak = ft.TRAK(make_mlp(), proj_dim=8, store=tmp_path, chunk_rows=16, progress=False)
     with pytest.raises(ft.NonFiniteGradientError, match=r"rows \[25\]"):
         trak.featurize((x, y))
-    assert trak.store.checkpoint(0).pending_chunks() == [1, 2]  # the chunk before it is kept
+    assert trak.store.model(0).pending_chunks() == [1, 2]  # the chunk before it is kept
 
 
 def test_infinite_weights_are_reported():

@@ -64,7 +64,7 @@ def _expected(projector: FactoredProjector, model: nn.Module, grads, names: list
 def _check(model, x, y, config, selected, proj_dim=16, oracle=None):
     model.eval()
     projector = config.build_factored(model, selected, proj_dim, seed=3, model_id=1, device="cpu")
-    feats = projector.features(model, TASK, _state(model), (x, y))
+    feats = projector.batch_features(_state(model), TASK, (x, y))
     names = projector.params
     grads = (oracle or _loop_oracle)(model, x, y, names)
     expected = _expected(projector, model, grads, names)
@@ -127,7 +127,7 @@ def test_cnn_exact_excluding_batchnorm():
     p2 = Factored(k_in=3, k_out=2).build_factored(
         model, narrow, 16, seed=3, model_id=1, device="cpu"
     )
-    torch.testing.assert_close(p2.features(model, TASK, _state(model), (x, y)), feats)
+    torch.testing.assert_close(p2.batch_features(_state(model), TASK, (x, y)), feats)
 
 
 def test_conv_stride_dilation_reflect_padding():
@@ -177,7 +177,7 @@ def test_sequence_model_with_embedding_and_padding_idx():
     # padding tokens contribute nothing: changing the padding row's projection is invisible
     projector.p_in["emb"][0] = 100.0
     projector._engine = None
-    torch.testing.assert_close(projector.features(model, TASK, _state(model), (tokens, y)), feats)
+    torch.testing.assert_close(projector.batch_features(_state(model), TASK, (tokens, y)), feats)
 
 
 def test_determinism_batch_sizes_builds_seeds():
@@ -188,7 +188,7 @@ def test_determinism_batch_sizes_builds_seeds():
 
     def feats(seed=0, model_id=0, rows=slice(None)):
         pr = config.build_factored(model, selected, 16, seed=seed, model_id=model_id, device="cpu")
-        return pr.features(model, TASK, _state(model), (x[rows], y[rows]))
+        return pr.batch_features(_state(model), TASK, (x[rows], y[rows]))
 
     full = feats()
     torch.testing.assert_close(torch.cat([feats(rows=slice(0, 2)), feats(rows=slice(2, 6))]), full)
@@ -205,15 +205,15 @@ def test_cuda_agrees_with_cpu():
     y = torch.tensor([0, 1, 2, 1])
     sel = ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
     config = Factored(k_in=4, k_out=3)
-    cpu = config.build_factored(model, sel, 16, 0, 0, "cpu").features(
-        model, TASK, _state(model), (x, y)
+    cpu = config.build_factored(model, sel, 16, 0, 0, "cpu").batch_features(
+        _state(model), TASK, (x, y)
     )
     gpu_model = copy.deepcopy(model).cuda()
     gpu = config.build_factored(gpu_model, sel, 16, 0, 0, "cuda")
     assert torch.equal(
         gpu.p_in["fc"].cpu(), config.build_factored(model, sel, 16, 0, 0, "cpu").p_in["fc"]
     )
-    out = gpu.features(gpu_model, TASK, _state(gpu_model), (x.cuda(), y.cuda()))
+    out = gpu.batch_features(_state(gpu_model), TASK, (x.cuda(), y.cuda()))
     torch.testing.assert_close(out.cpu(), cpu, rtol=1e-4, atol=1e-5)
 
 
@@ -249,10 +249,15 @@ def test_errors():
         )
     with pytest.raises(ValueError, match="k_in"):
         Factored(k_in=0)
-    with pytest.raises(TypeError, match="build_factored"):
-        Factored().build({"w": 3}, 4, 0, 0, torch.device("cpu"))
-    with pytest.raises(TypeError, match="output_dim_for"):
-        Factored().output_dim(4, 10)
+    # The one projector protocol, fully: no method of it raises for the factored kind.
+    from fasttrak.gradients import GradientMethod
+    from fasttrak.projection import Featurizer, ProjectorConfig
+
+    config, linear = Factored(), nn.Linear(3, 2)
+    assert isinstance(config, ProjectorConfig)
+    layout = config.layout(linear, ["weight", "bias"], 8)
+    built = config.featurizer(linear, layout, 0, 0, torch.device("cpu"), GradientMethod())
+    assert isinstance(built, Featurizer) and built.k == layout.k == 9  # 3 x 3
 
 
 def test_large_layer_memory_without_vmap():
@@ -274,9 +279,9 @@ def test_large_layer_memory_without_vmap():
         state = {**dict(model.named_parameters())}
         pr = Factored(k_in=8, k_out=8).build_factored(model, list(state), 128, 0, 0, "cpu")
         x, y = torch.randn(8, 2000), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-        pr.features(model, ImageClassification(), state, (x[:1], y[:1]))  # warm up
+        pr.batch_features(state, ImageClassification(), (x[:1], y[:1]))  # warm up
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        feats = pr.features(model, ImageClassification(), state, (x, y))
+        feats = pr.batch_features(state, ImageClassification(), (x, y))
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert feats.shape == (8, 128) and torch.isfinite(feats).all()
         print((after - before) / 1024)
@@ -323,7 +328,7 @@ def test_trak_factored_reports_excluded_parameters():
         ft.TRAK(model, projector="factored", progress=False)
     trak = ft.TRAK(model, projector=ft.projection.Factored(others="exclude"), progress=False)
     assert trak.excluded == ["bn.weight", "bn.bias"]
-    assert "bn.weight" not in trak.selected
+    assert "bn.weight" not in trak.params
     x, y = torch.randn(10, 1, 6, 6), torch.randint(0, 3, (10,))
     trak.featurize((x, y))
-    assert trak.store.checkpoint(0).features().shape == (10, trak.k)
+    assert trak.store.model(0).features().shape == (10, trak.k)

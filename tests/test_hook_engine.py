@@ -466,7 +466,7 @@ def test_lora_only_differentiates_the_adapters():
     trak.featurize(data)
     batch = {"input_ids": ids, "attention_mask": mask}
     expected = loop_hf(model, task, batch, LENGTHS, names, ("input_ids", "attention_mask"))
-    stored = torch.from_numpy(trak.store.checkpoint(0).features())
+    stored = torch.from_numpy(trak.store.model(0).features())
     torch.testing.assert_close(stored, expected, rtol=1e-3, atol=1e-5)
 
 
@@ -488,7 +488,7 @@ def test_factored_conv1d_features_equal_the_projected_hook_gradients():
     projector = Factored(k_in=3, k_out=4).build_factored(model, names, 24, seed=1, model_id=0,
                                                          device="cpu")  # fmt: skip
     state = load_state(model, None)
-    feats = projector.features(model, task, state, batch)
+    feats = projector.batch_features(state, task, batch)
     grads = dict(zip(names, HookGradients(model, task, names).parts(state, batch), strict=True))
     start = 0
     for layer in projector.layers:
@@ -523,7 +523,7 @@ def test_batch_encoding_batches_are_plain_dicts():
     loader = DataLoader(items, batch_size=2, shuffle=False, collate_fn=collate)
     trak = ft.TRAK(model, task=task, proj_dim=16, projector="dense", progress=False)
     trak.featurize(loader)
-    assert trak.store.checkpoint(0).features().shape == (len(LENGTHS), 16)
+    assert trak.store.model(0).features().shape == (len(LENGTHS), 16)
 
 
 @pytest.mark.parametrize(
@@ -559,7 +559,7 @@ def test_factored_covers_position_embeddings_shared_by_the_batch():
     projector = Factored(k_in=3, k_out=4).build_factored(model, names, 24, seed=2, model_id=0,
                                                          device="cpu")  # fmt: skip
     state = load_state(model, None)
-    feats = projector.features(model, task, state, batch)
+    feats = projector.batch_features(state, task, batch)
     grads = dict(zip(names, HookGradients(model, task, names).parts(state, batch), strict=True))
     start = 0
     for layer in projector.layers:
@@ -590,4 +590,4 @@ def test_factored_refuses_layers_without_a_batch_dimension():
     projector = Factored(k_in=2, k_out=2).build_factored(model, names, 8, seed=0, model_id=0,
                                                          device="cpu")  # fmt: skip
     with pytest.raises(ValueError, match="no batch dimension"):
-        projector.features(model, ft.tasks.Seq2Seq(), load_state(model, None), batch)
+        projector.batch_features(load_state(model, None), ft.tasks.Seq2Seq(), batch)

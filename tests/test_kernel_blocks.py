@@ -77,8 +77,8 @@ def test_stored_factor_is_per_block(tmp_path):
     trak = ft.TRAK(make_mlp(), proj_dim=30, store=tmp_path, kernel_blocks=4, progress=False)
     trak.featurize((x, y))
     trak.finalize()
-    ck = trak.store.checkpoint(0)
-    factor = ck.read_kernel("factor", trak._kernel_settings()[1], complete_records(ck))
+    ck = trak.store.model(0)
+    factor = ck.read_kernel("factor", trak.estimator.factor_settings(), complete_records(ck))
     assert factor.shape == (4, 8, 8)  # 30 = 8 + 7 + 7 + 8 coordinates: 256 entries, not 900
 
 

@@ -27,9 +27,9 @@ def rows_of(batch, n):
 
 
 def check(trak, model, rows, targets):
-    assert trak.selected and all(".lora_" in name for name in trak.selected)
+    assert trak.params and all(".lora_" in name for name in trak.params)
     total = sum(p.numel() for p in model.parameters())
-    lora_numel = sum(dict(model.named_parameters())[n].numel() for n in trak.selected)
+    lora_numel = sum(dict(model.named_parameters())[n].numel() for n in trak.params)
     assert lora_numel < total / 5  # the adapters are a small part of the model
     trak.featurize(rows)
     scores = np.asarray(trak.score(targets))
@@ -44,13 +44,11 @@ def test_text_classification_lora_features_are_exact_adapter_gradients():
     task = ft.tasks.TextClassification()
     exact = ft.TRAK(model, task, projector="identity", params="lora", progress=False)
     exact.featurize(rows)
-    features = torch.from_numpy(exact.store.checkpoint(0).features())
+    features = torch.from_numpy(exact.store.model(0).features())
     params = dict(model.named_parameters())
     for i, seq in enumerate(seqs):
         alone = {"input_ids": seq[None], "labels": batch["labels"][i : i + 1]}
-        grads = torch.autograd.grad(
-            task.output(model, alone)[0], [params[n] for n in exact.selected]
-        )
+        grads = torch.autograd.grad(task.output(model, alone)[0], [params[n] for n in exact.params])
         want = torch.cat([g.reshape(-1) for g in grads])
         torch.testing.assert_close(features[i], want, atol=1e-5, rtol=1e-4)
     check(ft.TRAK(model, task, proj_dim=16, params="lora", progress=False), model, rows, rows[:2])

@@ -55,9 +55,9 @@ def test_scores_equal_float64_closed_form(num_models):
     np.testing.assert_allclose(scores, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
 
     # The stored features and kernel of the last model are the exact ones too.
-    ck = trak.store.checkpoint(num_models - 1)
+    ck = trak.store.model(num_models - 1)
     np.testing.assert_allclose(ck.features(), phi_last, rtol=1e-5, atol=1e-6)
-    gram = ck.read_kernel("gram", trak._kernel_settings()[0], complete_records(ck))
+    gram = ck.read_kernel("gram", trak.estimator.gram_settings(), complete_records(ck))
     np.testing.assert_allclose(gram, phi_last.T @ phi_last, rtol=1e-5, atol=1e-6)
 
 
@@ -151,8 +151,8 @@ def test_kernel_options_share_one_store(tmp_path):
     )
     b = np.asarray(other.score((x[:3], y[:3]), checkpoints=[model.state_dict()]))
     assert not np.allclose(a, b)
-    ck = other.store.checkpoint(0)
-    assert ck.read_kernel("gram", other._kernel_settings()[0], complete_records(ck)) is not None
+    ck = other.store.model(0)
+    assert ck.read_kernel("gram", other.estimator.gram_settings(), complete_records(ck)) is not None
     again = ft.TRAK(model, proj_dim=16, store=tmp_path, progress=False)
     np.testing.assert_allclose(np.asarray(again.score((x[:3], y[:3]), checkpoints=[model])), a)
 

@@ -49,8 +49,8 @@ def test_killed_featurize_resumes_to_an_identical_store(tmp_path):
         assert mark.stat().st_mtime_ns == before[mark.name]
     make_trak(str(fresh)).featurize(SlowData(), checkpoints=[make_model().state_dict()])
 
-    a = make_trak(str(killed)).store.checkpoint(0)
-    b = make_trak(str(fresh)).store.checkpoint(0)
+    a = make_trak(str(killed)).store.model(0)
+    b = make_trak(str(fresh)).store.model(0)
     np.testing.assert_array_equal(a.features(), b.features())
     np.testing.assert_array_equal(a.q(), b.q())
 
@@ -105,10 +105,10 @@ def test_another_training_set_size_is_an_error_and_keeps_the_store(tmp_path):
     model = make_mlp()
     ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False).featurize((x, y))
     trak = ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False)
-    before = trak.store.checkpoint(0).features()
+    before = trak.store.model(0).features()
     with pytest.raises(ft.StoreMismatchError, match="20 examples"):
         trak.featurize((x[:10], y[:10]))
-    np.testing.assert_array_equal(trak.store.checkpoint(0).features(), before)
+    np.testing.assert_array_equal(trak.store.model(0).features(), before)
 
 
 def test_other_weights_at_a_stored_index_need_overwrite(tmp_path):
@@ -116,12 +116,12 @@ def test_other_weights_at_a_stored_index_need_overwrite(tmp_path):
     model, other = make_mlp(seed=0), make_mlp(seed=1)
     trak = ft.TRAK(model, proj_dim=32, store=tmp_path, progress=False)
     trak.featurize((x, y), checkpoints=[model.state_dict()])
-    before = trak.store.checkpoint(0).features()
+    before = trak.store.model(0).features()
     with pytest.raises(ft.CheckpointMismatchError, match="overwrite=True"):
         trak.featurize((x, y), checkpoints=[other.state_dict()])
-    np.testing.assert_array_equal(trak.store.checkpoint(0).features(), before)
+    np.testing.assert_array_equal(trak.store.model(0).features(), before)
     trak.featurize((x, y), checkpoints=[other.state_dict()], overwrite=True)
-    assert not np.array_equal(trak.store.checkpoint(0).features(), before)
+    assert not np.array_equal(trak.store.model(0).features(), before)
     with pytest.raises(ft.CheckpointMismatchError, match="same checkpoints"):
         trak.score((x[:2], y[:2]), checkpoints=[model.state_dict()])
 
@@ -133,7 +133,7 @@ def test_float16_feature_storage_scores_close_to_float32():
     for dtype in ("float32", "float16"):
         trak = ft.TRAK(model, proj_dim=32, feature_dtype=dtype, progress=False)
         trak.featurize((x, y))
-        assert trak.store.checkpoint(0).features().dtype == np.dtype(dtype)
+        assert trak.store.model(0).features().dtype == np.dtype(dtype)
         results.append(np.asarray(trak.score((x[:4], y[:4]))))
     scale = np.abs(results[0]).max()
     np.testing.assert_allclose(results[1], results[0], atol=2e-2 * scale)
@@ -148,9 +148,7 @@ def test_checkpoint_paths_load_safely(tmp_path):
     trak.featurize((x, y), checkpoints=[path])
     by_dict = ft.TRAK(model, proj_dim=8, progress=False)
     by_dict.featurize((x, y), checkpoints=[model.state_dict()])
-    np.testing.assert_array_equal(
-        trak.store.checkpoint(0).features(), by_dict.store.checkpoint(0).features()
-    )
+    np.testing.assert_array_equal(trak.store.model(0).features(), by_dict.store.model(0).features())
 
 
 def test_models_under_chosen_ids_in_any_order(tmp_path):
@@ -160,7 +158,7 @@ def test_models_under_chosen_ids_in_any_order(tmp_path):
     trak = ft.TRAK(models[0], proj_dim=8, store=tmp_path, progress=False)
     trak.featurize((x, y), checkpoints=[models[2]], model_ids=[7])
     trak.featurize((x, y), checkpoints=[models[0]], model_ids=[3])
-    assert trak.store.checkpoint_ids() == [3, 7]
+    assert trak.store.model_ids() == [3, 7]
     scores = np.asarray(trak.score((x[:3], y[:3])))  # the checkpoints of the calls above
     again = ft.TRAK(models[0], proj_dim=8, store=tmp_path, progress=False)
     by_ids = again.score((x[:3], y[:3]), checkpoints=[models[0], models[2]])  # id order

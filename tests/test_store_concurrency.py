@@ -43,7 +43,7 @@ def single_process(tmp_path: Path, seeds, ids=None) -> dict[int, tuple[np.ndarra
 
 def stored(store: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     s = Store.open_existing(store)
-    return {m: (s.checkpoint(m).features(), s.checkpoint(m).q()) for m in s.checkpoint_ids()}
+    return {m: (s.model(m).features(), s.model(m).q()) for m in s.model_ids()}
 
 
 def assert_same(a, b):

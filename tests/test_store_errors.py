@@ -62,7 +62,7 @@ def test_a_float16_model_fed_float32_inputs_is_explained():
     with pytest.raises(ft.DataError, match="float16 inputs for a float16 model"):
         trak.featurize((x, y))
     trak.featurize((x.half(), y))  # the fix works
-    assert np.isfinite(trak.store.checkpoint(0).features()).all()
+    assert np.isfinite(trak.store.model(0).features()).all()
 
 
 def test_a_store_path_that_is_a_file(tmp_path):
@@ -226,9 +226,7 @@ def test_a_full_disk_is_a_store_error_and_the_run_resumes(tmp_path, monkeypatch)
     trak.featurize((x, y), checkpoints=[model.state_dict()])
     fresh = ft.TRAK(model, proj_dim=8, store=tmp_path / "f", chunk_rows=8, progress=False)
     fresh.featurize((x, y), checkpoints=[model.state_dict()])
-    np.testing.assert_array_equal(
-        trak.store.checkpoint(0).features(), fresh.store.checkpoint(0).features()
-    )
+    np.testing.assert_array_equal(trak.store.model(0).features(), fresh.store.model(0).features())
 
 
 @pytest.mark.parametrize("during", [1, 2])

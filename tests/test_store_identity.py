@@ -36,7 +36,7 @@ def make(store, **kw) -> ft.TRAK:
 def featurized(tmp_path):
     trak = make(tmp_path / "s")
     trak.featurize(data(), checkpoints=[state(0)])
-    return trak, trak.store.checkpoint(0).features()
+    return trak, trak.store.model(0).features()
 
 
 def unfinish(trak: ft.TRAK, c: int) -> None:
@@ -48,8 +48,8 @@ def test_other_data_of_the_same_size_is_refused_before_anything_is_written(featu
     trak, before = featurized
     with pytest.raises(ft.DataMismatchError, match=r"chunk 0"):
         trak.featurize(data(seed=1), checkpoints=[state(0), state(1)])
-    assert trak.store.checkpoint_ids() == [0]  # model 1 was not even created
-    np.testing.assert_array_equal(trak.store.checkpoint(0).features(), before)
+    assert trak.store.model_ids() == [0]  # model 1 was not even created
+    np.testing.assert_array_equal(trak.store.model(0).features(), before)
 
 
 def test_reordered_rows_on_resume_name_the_chunk(featurized):
@@ -60,7 +60,7 @@ def test_reordered_rows_on_resume_name_the_chunk(featurized):
     order[[20, 21]] = order[[21, 20]]  # two rows of chunk 1 swapped
     with pytest.raises(ft.DataMismatchError, match=r"rows 16-31 \(chunk 1\)"):
         trak.featurize((x[order], y[order]), checkpoints=[state(0)])
-    assert trak.store.checkpoint(0).pending_chunks() == [2]  # nothing written
+    assert trak.store.model(0).pending_chunks() == [2]  # nothing written
 
 
 def test_one_changed_label_is_refused_when_extending(featurized):
@@ -70,15 +70,15 @@ def test_one_changed_label_is_refused_when_extending(featurized):
     y[20] = (y[20] + 1) % 3  # chunk 1: found when model 1 reaches it
     with pytest.raises(ft.DataMismatchError, match=r"chunk 1"):
         trak.featurize((x, y), checkpoints=[state(0), state(1)])
-    np.testing.assert_array_equal(trak.store.checkpoint(0).features(), before)
-    assert trak.store.checkpoint(1).pending_chunks() == [1, 2]  # chunk 1 was not written
+    np.testing.assert_array_equal(trak.store.model(0).features(), before)
+    assert trak.store.model(1).pending_chunks() == [1, 2]  # chunk 1 was not written
     with pytest.raises(ft.DataMismatchError, match=r"chunk 1"):
         trak.check_data((x, y))
     y[20] = data()[1][20]
     y[40] = (y[40] + 1) % 3  # the last chunk: refused before model 2 is created
     with pytest.raises(ft.DataMismatchError, match=r"chunk 2"):
         trak.featurize((x, y), checkpoints=[state(2)], model_ids=[2])
-    assert trak.store.checkpoint_ids() == [0, 1]
+    assert trak.store.model_ids() == [0, 1]
     assert trak.check_data(data()) == 3
     trak.featurize(data(), checkpoints=[state(0), state(1)])  # the right data finish model 1
 
@@ -106,7 +106,7 @@ def test_the_same_rows_batched_or_loaded_otherwise_are_accepted(featurized):
     x, y = data()
     loader = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=False, num_workers=2)
     trak.featurize(loader, checkpoints=[state(0)], check_data="full")
-    np.testing.assert_allclose(trak.store.checkpoint(0).features(), before, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(trak.store.model(0).features(), before, rtol=1e-5, atol=1e-6)
     items = [(x[i], int(y[i])) for i in range(N)]  # Python ints: what default_collate stacks
     assert trak.check_data(items) == 3
     trak.featurize(items, checkpoints=[state(0), state(1)], batch_size=7)

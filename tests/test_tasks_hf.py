@@ -633,7 +633,7 @@ def test_trak_text_classification_end_to_end(materialized_masks, engine):
         model, task, projector="identity", params=names, batch_size=4, progress=False, **engine
     )
     exact.featurize(rows)
-    features = torch.from_numpy(exact.store.checkpoint(0).features())
+    features = torch.from_numpy(exact.store.model(0).features())
     params = dict(model.named_parameters())
     for i, seq in enumerate(seqs):
         alone = {"input_ids": seq[None], "labels": batch["labels"][i : i + 1]}
@@ -709,5 +709,5 @@ def test_trak_clip_binds_per_checkpoint(materialized_masks, engine):
         bound = task.bind(model)
         with torch.no_grad():
             q = bound.out_to_loss(model, (images, texts))
-        stored = torch.from_numpy(trak.store.checkpoint(m).q())
+        stored = torch.from_numpy(trak.store.model(m).q())
         torch.testing.assert_close(stored, q)

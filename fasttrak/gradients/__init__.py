@@ -7,13 +7,25 @@ hooks; unmodified Hugging Face models, any attention implementation) and
 """
 
 from fasttrak.gradients.hook_engine import HookGradients, check_examples_independent
+from fasttrak.gradients.hooks import (
+    COVERED_TYPES,
+    FactoredFeatures,
+    LayerSpec,
+    is_covered,
+    layer_spec,
+)
+from fasttrak.gradients.method import ENGINES, GradientMethod
 from fasttrak.gradients.selection import ParamSpec, select_parameters
 from fasttrak.gradients.vmap import VmapGradients
 
-ENGINES = ("auto", "hooks", "vmap")
-
 __all__ = [
+    "COVERED_TYPES",
+    "FactoredFeatures",
+    "LayerSpec",
+    "is_covered",
+    "layer_spec",
     "ENGINES",
+    "GradientMethod",
     "HookGradients",
     "ParamSpec",
     "VmapGradients",

@@ -1,25 +1,47 @@
-"""Random projections behind one small protocol.
+"""Random projections behind one protocol.
 
-A projector maps flattened per-example gradients ``(B, p)`` to features ``(B, k)``.
-Choose one by name in :class:`fasttrak.TRAK` (``projector="dense"``, ``"sjlt"``, ``"srht"`` or
-``"identity"``) or pass a configured instance (``projector=ft.projection.SJLT(s=4)``,
-``ft.projection.Dense(distribution="gaussian")``). See docs/projections.md for which to choose.
+A projector kind (``"dense"``, ``"sjlt"``, ``"srht"``, ``"identity"``, ``"factored"``, or a
+configured instance such as ``ft.projection.SJLT(s=4)``) lays out the features of a model
+(:meth:`ProjectorConfig.layout`) and builds, per model id, a :class:`Featurizer` that turns
+(weights, batches) into features ``(B, k)``. Projections of per-example gradients implement
+the smaller :class:`Projector` protocol (``(B, p)`` to ``(B, k)``) and share one adapter,
+:class:`GradientFeaturizer`. See docs/projections.md for which to choose.
 """
 
-from fasttrak.projection.base import Projector, ProjectorConfig, resolve_projector
-from fasttrak.projection.dense import Dense, DenseProjector, projection_seed
+from fasttrak.projection.base import (
+    Featurizer,
+    GradientFeaturizer,
+    GradientProjection,
+    Layout,
+    Projector,
+    ProjectorConfig,
+    projector_from_spec,
+    projectors,
+    resolve_projector,
+)
+from fasttrak.projection.common import TILE_ROWS, projection_seed
+from fasttrak.projection.dense import Dense, DenseProjector
 from fasttrak.projection.factored import Factored, FactoredProjector
 from fasttrak.projection.identity import Identity, IdentityProjector
 from fasttrak.projection.sjlt import SJLT, SJLTProjector
 from fasttrak.projection.srht import SRHT, SRHTProjector, fwht
 
+PROJECTORS = projectors()
+"""The projector kinds selectable by name, each with its default options."""
+
 __all__ = [
+    "PROJECTORS",
+    "TILE_ROWS",
     "Dense",
+    "DenseProjector",
     "Factored",
     "FactoredProjector",
-    "DenseProjector",
+    "Featurizer",
+    "GradientFeaturizer",
+    "GradientProjection",
     "Identity",
     "IdentityProjector",
+    "Layout",
     "Projector",
     "ProjectorConfig",
     "SJLT",
@@ -28,5 +50,7 @@ __all__ = [
     "SRHTProjector",
     "fwht",
     "projection_seed",
+    "projector_from_spec",
+    "projectors",
     "resolve_projector",
 ]

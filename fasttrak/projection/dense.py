@@ -12,40 +12,23 @@ any order or block size.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from fasttrak.errors import ConfigError, DataError
-
-TILE_ROWS = 1024
-"""Parameter coordinates per independently seeded tile of P (part of the projection's identity)."""
-
-Distribution = Literal["rademacher", "gaussian"]
-
-
-def projection_seed(seed: int, model_id: int, name: str, tile: int) -> int:
-    """A stable 63-bit seed for one tile of P (blake2b; independent of Python's hash salt)."""
-    digest = hashlib.blake2b(f"{seed}/{model_id}/{name}/{tile}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def generate_tile(rows: int, k: int, distribution: Distribution, seed: int) -> Tensor:
-    """One (rows, k) float32 tile of P on the CPU, already scaled by 1/sqrt(k)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    if distribution == "rademacher":
-        tile = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8).float()
-        tile.mul_(2.0 / math.sqrt(k)).sub_(1.0 / math.sqrt(k))
-    elif distribution == "gaussian":
-        tile = torch.randn((rows, k), generator=gen).mul_(1.0 / math.sqrt(k))
-    else:
-        raise ConfigError(f"unknown distribution {distribution!r}; use 'rademacher' or 'gaussian'")
-    return tile
+from fasttrak.projection.base import GradientProjection
+from fasttrak.projection.common import (
+    TILE_ROWS,
+    Distribution,
+    generate_tile,
+    projection_seed,
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +84,8 @@ class DenseProjector:
 
     def _tile(self, tile: _Tile) -> Tensor:
         seed = projection_seed(self.seed, self.model_id, tile.name, tile.index)
-        return generate_tile(tile.rows, self.k, self.kind, seed)
+        with record_function("fasttrak.generate"):
+            return generate_tile(tile.rows, self.k, self.kind, seed)
 
     def matrix(self) -> Tensor:
         """The full (p, k) float32 matrix on ``device`` (built once, then cached)."""
@@ -113,13 +97,13 @@ class DenseProjector:
         return self._matrix
 
     def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
-        """grads (B, p), or its per-parameter blocks (B, p_i) in order -> features (B, k),
+        """grads (B, p), or its per-parameter parts (B, p_i) in order -> features (B, k),
         float32, on ``device``. Blocks are multiplied with the matching rows of P in place
         of a concatenation (no copy of the gradients). A streamed matrix is generated block
         by block into one reused buffer of at most ``cache_bytes``."""
         parts = [grads] if isinstance(grads, Tensor) else list(grads)
         if not parts:
-            raise DataError("project() got no gradient blocks; pass (B, p) gradients")
+            raise DataError("project() got no gradient parts; pass (B, p) gradients")
         if any(g.ndim != 2 for g in parts) or sum(g.shape[1] for g in parts) != self.num_params:
             shapes = [tuple(g.shape) for g in parts]
             raise DataError(f"expected gradients of shape (B, {self.num_params}), got {shapes}")
@@ -131,7 +115,7 @@ class DenseProjector:
         rows_per_block = max(TILE_ROWS, self.cache_bytes // (4 * self.k))
         buffer = torch.empty((min(rows_per_block, self.num_params), self.k), dtype=torch.float32)
         block: list[_Tile] = []
-        for tile in self._tiles + [None]:  # type: ignore[list-item]
+        for tile in [*self._tiles, None]:
             if tile is not None and sum(t.rows for t in block) + tile.rows <= rows_per_block:
                 block.append(tile)
                 continue
@@ -146,7 +130,7 @@ class DenseProjector:
 
     def _accumulate(self, out: Tensor, parts: list[Tensor], rows_of_p: Tensor, start: int) -> None:
         """out += grads[:, start : start + len(rows_of_p)] @ rows_of_p, reading the columns
-        from the per-parameter blocks ``parts`` (no concatenated copy)."""
+        from the per-parameter parts (no concatenated copy)."""
         stop, offset = start + rows_of_p.shape[0], 0
         for part in parts:
             lo, hi = max(start, offset), min(stop, offset + part.shape[1])
@@ -157,7 +141,7 @@ class DenseProjector:
 
 
 @dataclass(frozen=True)
-class Dense:
+class Dense(GradientProjection):
     """Dense Rademacher (default) or Gaussian projection, the reference TRAK projection.
 
     ``cache_bytes``: keep the whole (p, k) matrix in memory when it fits (default 1 GiB);

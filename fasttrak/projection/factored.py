@@ -17,16 +17,18 @@ they are identical on every device and for every batch size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
-from fasttrak.errors import ConfigError, ConfigTypeError
-from fasttrak.gradients.hooks import FactoredFeatures, LayerSpec, is_covered, layer_spec
-from fasttrak.projection.dense import TILE_ROWS, generate_tile, projection_seed
+from fasttrak.errors import ConfigError
+from fasttrak.gradients import FactoredFeatures, GradientMethod, LayerSpec, is_covered, layer_spec
+from fasttrak.projection.base import Batches, Layout
+from fasttrak.projection.common import TILE_ROWS, generate_tile, projection_seed
 from fasttrak.tasks.base import Task
 
 VERSION = 1
@@ -48,18 +50,20 @@ def _factor(rows: int, k: int, seed: int, model_id: int, name: str) -> Tensor:
 
 @dataclass
 class FactoredProjector:
-    """Per-layer factors of one model index, and the featurizer that uses them.
+    """Per-layer factors of one model id, and the featurizer that uses them.
 
-    Unlike the other projectors it does not consume gradients: call :meth:`features`
-    with the model, task, state and batch. ``group_rows`` is 1 (nothing to amortise).
+    Implements :class:`~fasttrak.projection.base.Featurizer`: features come straight from
+    layer hooks (one batch at a time; no per-example gradient is formed).
     """
 
+    model: nn.Module
     layers: list[LayerSpec]
     p_in: dict[str, Tensor]
     p_out: dict[str, Tensor]
-    group_rows: int = 1
+    sums_over_batch: bool = field(default=True, init=False)
+    group_rows: int = field(default=1, init=False)
     _engine: FactoredFeatures | None = field(default=None, init=False, repr=False)
-    _engine_key: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    _engine_task: int | None = field(default=None, init=False, repr=False)
 
     @property
     def k(self) -> int:
@@ -71,15 +75,19 @@ class FactoredProjector:
         return [p for ly in self.layers for p in ly.params]
 
     def features(
-        self, model: nn.Module, task: Task, state: dict[str, Tensor], batch: Any
-    ) -> Tensor:
-        """(B, k) float32 features of ``batch`` for the weights ``state`` (all parameters
+        self, state: dict[str, Tensor], task: Task, batches: Batches
+    ) -> Iterator[tuple[slice, Tensor]]:
+        for rows, batch in batches:
+            yield rows, self.batch_features(state, task, batch)
+
+    def batch_features(self, state: dict[str, Tensor], task: Task, batch: Any) -> Tensor:
+        """(B, k) float32 features of one ``batch`` for the weights ``state`` (all parameters
         and buffers by name, on the compute device). The model must be in eval mode."""
-        key = (id(model), id(task))
-        if self._engine is None or self._engine_key != key:
-            self._engine = FactoredFeatures(model, task, self.layers, self.p_in, self.p_out)
-            self._engine_key = key
-        return self._engine(state, batch)
+        if self._engine is None or self._engine_task != id(task):
+            self._engine = FactoredFeatures(self.model, task, self.layers, self.p_in, self.p_out)
+            self._engine_task = id(task)
+        with record_function("fasttrak.project"):
+            return self._engine(state, batch)
 
     def kron(self, name: str) -> Tensor:
         """The explicit (p_layer, k_layer) matrix ``P_rows ⊗ P_cols`` of one layer (tests and
@@ -90,11 +98,31 @@ class FactoredProjector:
             return torch.kron(self.p_in[name], self.p_out[name])
         return torch.kron(self.p_out[name], self.p_in[name])
 
-    def project(self, grads: Any) -> Tensor:
-        raise ConfigTypeError(
-            "the factored projector does not project gradients; call "
-            "FactoredProjector.features(model, task, state, batch)"
-        )
+    def matrix(self) -> Tensor:
+        """(p, k): block diagonal over layers, rows in ``params`` order (each parameter
+        flattened row-major), i.e. :meth:`kron` with its homogeneous rows reordered."""
+        blocks = []
+        for layer in self.layers:
+            kron = self.kron(layer.name)
+            blocks.append(kron[_parameter_order(layer, self.model).to(kron.device)])
+        return torch.block_diag(*blocks)
+
+
+def _parameter_order(layer: LayerSpec, model: nn.Module) -> Tensor:
+    """Index of each [W | b] homogeneous-layout row of :meth:`FactoredProjector.kron`, in
+    the order weight.flatten() then bias (the order of ``params``)."""
+    if layer.kind == "embedding":
+        return torch.arange(layer.d_in * layer.d_out)
+    if layer.kind == "conv1d":  # homogeneous [W; b] (in + 1, out): already weight then bias
+        return torch.arange(layer.d_in * layer.d_out)
+    # linear / conv2d: rows = outputs, columns = d_act inputs (+ 1 for the bias)
+    grid = torch.arange(layer.d_out * layer.d_in).reshape(layer.d_out, layer.d_in)
+    parts = []
+    if layer.weight is not None:
+        parts.append(grid[:, : layer.d_act].reshape(-1))
+    if layer.bias is not None:
+        parts.append(grid[:, layer.d_act])
+    return torch.cat(parts)
 
 
 @dataclass(frozen=True)
@@ -231,7 +259,32 @@ class Factored:
             "excluded": self.excluded(model, selected),
         }
 
-    # ------------------------------------------------------------------ build
+    # ------------------------------------------------------------------ protocol
+    def layout(self, model: nn.Module, selected: Sequence[str], proj_dim: int) -> Layout:
+        """k, the full store identity (:meth:`spec_for`), the covered parameters and the
+        selected ones left out."""
+        spec = self.spec_for(model, selected, proj_dim)
+        return Layout(
+            int(spec["k"]),
+            spec,
+            self.covered_params(model, selected),
+            self.excluded(model, selected),
+        )
+
+    def featurizer(
+        self,
+        model: nn.Module,
+        layout: Layout,
+        seed: int,
+        model_id: int,
+        device: torch.device,
+        gradients: GradientMethod,
+    ) -> FactoredProjector:
+        """Model ``model_id``'s factors; ``gradients`` is unused (features come from hooks)."""
+        specs = self.layer_specs(model, layout.params)
+        k_in, k_out = int(layout.spec["k_in"]), int(layout.spec["k_out"])
+        return self._build(model, specs, k_in, k_out, seed, model_id, device)
+
     def build_factored(
         self,
         model: nn.Module,
@@ -241,28 +294,28 @@ class Factored:
         model_id: int,
         device: torch.device | str,
     ) -> FactoredProjector:
+        """Model ``model_id``'s factors for ``selected`` parameters at ``proj_dim``."""
         specs = self.layer_specs(model, selected)
         k_in, k_out = self.dims(len(specs), proj_dim)
-        p_in = {
-            ly.name: _factor(ly.d_in, k_in, seed, model_id, f"{ly.name}/in").to(device)
-            for ly in specs
-        }
-        p_out = {
-            ly.name: _factor(ly.d_out, k_out, seed, model_id, f"{ly.name}/out").to(device)
-            for ly in specs
-        }
-        return FactoredProjector(specs, p_in, p_out)
+        return self._build(model, specs, k_in, k_out, seed, model_id, device)
 
-    # The gradient-projector protocol cannot express a model-dependent projection.
-    def output_dim(self, k: int, num_params: int) -> int:
-        raise ConfigTypeError(
-            "Factored needs the model: call output_dim_for(model, selected, proj_dim)"
-        )
-
-    def build(
-        self, param_numels: dict[str, int], k: int, seed: int, model_id: int, device: torch.device
+    @staticmethod
+    def _build(
+        model: nn.Module,
+        specs: list[LayerSpec],
+        k_in: int,
+        k_out: int,
+        seed: int,
+        model_id: int,
+        device: torch.device | str,
     ) -> FactoredProjector:
-        raise ConfigTypeError(
-            "Factored needs the model: call build_factored(model, selected, proj_dim, seed, "
-            "model_id, device)"
-        )
+        with record_function("fasttrak.featurizer"):
+            p_in = {
+                ly.name: _factor(ly.d_in, k_in, seed, model_id, f"{ly.name}/in").to(device)
+                for ly in specs
+            }
+            p_out = {
+                ly.name: _factor(ly.d_out, k_out, seed, model_id, f"{ly.name}/out").to(device)
+                for ly in specs
+            }
+        return FactoredProjector(model, specs, p_in, p_out)

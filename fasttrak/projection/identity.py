@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fasttrak.errors import DataError
+from fasttrak.projection.base import GradientProjection
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,12 @@ class IdentityProjector:
     k: int
     group_rows: int = 1
 
+    def matrix(self) -> Tensor:
+        """The (p, p) identity."""
+        return torch.eye(self.k)
+
     def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
-        """grads (B, p) (or its per-parameter blocks) -> the same (B, p) float32."""
+        """grads (B, p) (or its per-parameter parts) -> the same (B, p) float32."""
         if not isinstance(grads, Tensor):
             grads = torch.cat(list(grads), dim=1)
         if grads.shape[1] != self.k:
@@ -29,7 +34,7 @@ class IdentityProjector:
 
 
 @dataclass(frozen=True)
-class Identity:
+class Identity(GradientProjection):
     """Use the full gradient as the feature (``proj_dim`` is ignored; k = p)."""
 
     def spec(self, k: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ block at a time when used).
 The cost of :meth:`SJLTProjector.project` is O(B · p · s) additions (``index_add_``), never
 O(B · p · k). The sign is folded into the bucket index (bucket + k for a negative sign, into a
 (B, 2k) accumulator; the result is the difference of the two halves), so the gradients are
-added as they are, without a multiplied copy; per-parameter gradient blocks are added one by
+added as they are, without a multiplied copy; per-parameter gradient parts are added one by
 one, without concatenating them. On CUDA ``index_add_`` uses atomics: features are equal to
 the CPU ones up to float32 summation order, not bit for bit.
 """
@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fasttrak.errors import ConfigError, DataError
-from fasttrak.projection.dense import TILE_ROWS, projection_seed
+from fasttrak.errors import ConfigError
+from fasttrak.projection.base import GradientProjection
+from fasttrak.projection.common import TILE_ROWS, as_parts, implied_matrix, projection_seed
 
 _COLUMNS = 2**20
 """Gradient columns added per ``index_add_`` call."""
@@ -92,14 +93,12 @@ class SJLTProjector:
 
     def matrix(self) -> Tensor:
         """The implied dense (p, k) float32 matrix (for tests and small p only)."""
-        eye = torch.eye(self.num_params, dtype=torch.float32, device=self.device)
-        return self.project(eye)
+        return implied_matrix(self.project, self.num_params, self.device)
 
     def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
-        """grads (B, p), or its per-parameter blocks (B, p_i) in order -> features (B, k),
+        """grads (B, p), or its per-parameter parts (B, p_i) in order -> features (B, k),
         float32, on ``device``."""
-        blocks = [grads] if isinstance(grads, Tensor) else list(grads)
-        _check_blocks(blocks, self.num_params)
+        blocks = as_parts(grads, self.num_params)
         rows = blocks[0].shape[0]
         acc = torch.zeros((rows, 2 * self.k), dtype=torch.float32, device=self.device)
         start = 0
@@ -126,23 +125,8 @@ def _check_s(s: int) -> None:
         )
 
 
-def _check_blocks(blocks: list[Tensor], num_params: int) -> None:
-    if not blocks:
-        raise DataError(f"expected gradients of shape (B, {num_params}), got an empty list")
-    if any(b.ndim != 2 or b.shape[0] != blocks[0].shape[0] for b in blocks):
-        shapes = [tuple(b.shape) for b in blocks]
-        raise DataError(f"expected 2-D gradient blocks (B, p_i) with the same B, got {shapes}")
-    width = sum(b.shape[1] for b in blocks)
-    if width != num_params:
-        raise DataError(
-            f"expected gradients of shape (B, {num_params}) (or blocks whose widths sum to "
-            f"{num_params}), got width {width}: build the projector with the same parameters "
-            "as the gradients"
-        )
-
-
 @dataclass(frozen=True)
-class SJLT:
+class SJLT(GradientProjection):
     """Sparse JL projection with ``s`` nonzeros +-1/sqrt(s) per gradient coordinate.
 
     O(B·p·s) per batch instead of O(B·p·k). ``s=1`` (CountSketch) is fastest; larger ``s``

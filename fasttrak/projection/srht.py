@@ -16,7 +16,7 @@ fixed function of (parameter name, its size, b), never of its offset in the mode
 map of a parameter's coordinates does not depend on the other parameters. Every block β
 (padded size s) gets its own SRHT
 
-    φ_β = (1/√m) · S_β H_s D_β x_β,    m = min(k, s),
+    φ_β = (1/√r) · S_β H_s D_β x_β,    r = min(k, s) outputs,
 
 with D_β random ±1 signs, H_s the (unnormalised, ±1) Sylvester–Hadamard matrix, applied by
 a fast Walsh–Hadamard transform in O(s log s), and S_β a random map of the s transformed
@@ -68,14 +68,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from fasttrak.errors import ConfigError, DataError
-from fasttrak.projection.dense import TILE_ROWS, projection_seed
-from fasttrak.projection.sjlt import _check_blocks
+from fasttrak.projection.base import GradientProjection
+from fasttrak.projection.common import TILE_ROWS, as_parts, implied_matrix, projection_seed
 
 _HADAMARD: dict[tuple[int, torch.device], Tensor] = {}
 
@@ -122,13 +122,14 @@ def _fwht_pair(src: Tensor, spare: Tensor, radix: int) -> Tensor:
         raise ConfigError(f"fwht radix must be a power of two >= 2, got {radix}")
     dst = spare
     if radix == 2:
-        h = 1
-        while h < b:
-            s4, d4 = src.view(n, b // (2 * h), 2, h), dst.view(n, b // (2 * h), 2, h)
+        half = 1
+        while half < b:
+            s4 = src.view(n, b // (2 * half), 2, half)
+            d4 = dst.view(n, b // (2 * half), 2, half)
             torch.add(s4[:, :, 0], s4[:, :, 1], out=d4[:, :, 0])
             torch.sub(s4[:, :, 0], s4[:, :, 1], out=d4[:, :, 1])
             src, dst = dst, src
-            h *= 2
+            half *= 2
         return src
     # Split the log2(b) bits into ceil(bits / log2(radix)) factors of (nearly) equal size,
     # smallest first: the axis a factor acts on then has >= radix trailing entries except for
@@ -242,8 +243,8 @@ class SRHTProjector:
                 group = groups.setdefault(size, _Group(size))
                 group.runs.append(_Run(part, start, count, length, group.num_blocks))
                 group.num_blocks += count
-                m = min(self.k, size)
-                scale = 1.0 / math.sqrt(m)
+                outputs = min(self.k, size)
+                scale = 1.0 / math.sqrt(outputs)
                 signs[offset + start : offset + start + count * length] *= scale
                 if size >= self.k:  # output signs E of blocks j .. j + count - 1
                     stream = _sign_stream(
@@ -257,9 +258,9 @@ class SRHTProjector:
                         projection_seed(self.seed, self.model_id, f"{name}/srht", j + i)
                     )
                     if size > self.k:  # a k-subset of the block's coordinates, in order
-                        chosen = torch.randperm(size, generator=gen)[:m].sort().values
-                    else:  # m = size distinct outputs
-                        chosen = torch.randperm(self.k, generator=gen)[:m]
+                        chosen = torch.randperm(size, generator=gen)[:outputs].sort().values
+                    else:  # outputs = size distinct outputs
+                        chosen = torch.randperm(self.k, generator=gen)[:outputs]
                     block_index.setdefault(size, []).append(chosen)
                 j += count
             offset += numel
@@ -274,14 +275,12 @@ class SRHTProjector:
 
     def matrix(self) -> Tensor:
         """The implied dense (p, k) float32 matrix (for tests and small p only)."""
-        eye = torch.eye(self.num_params, dtype=torch.float32, device=self.device)
-        return self.project(eye)
+        return implied_matrix(self.project, self.num_params, self.device)
 
     def project(self, grads: Tensor | Sequence[Tensor]) -> Tensor:
-        """grads (B, p), or its per-parameter blocks (B, p_i) in order -> features (B, k),
+        """grads (B, p), or its per-parameter parts (B, p_i) in order -> features (B, k),
         float32, on ``device``."""
-        blocks = [grads] if isinstance(grads, Tensor) else list(grads)
-        _check_blocks(blocks, self.num_params)
+        blocks = as_parts(grads, self.num_params)
         if [b.shape[1] for b in blocks] == list(self.param_numels.values()):
             parts = blocks
         else:  # a whole (B, p) matrix, or blocks that do not follow the parameters
@@ -322,7 +321,7 @@ class SRHTProjector:
                 buf[:, i : i + c, run.length :].zero_()
             i += c
         flat = buf.view(rows * count, size)
-        y = _fwht_pair(flat, spare.view(rows * count, size), self.radix)
+        y = _fwht_pair(flat, spare.view(rows * count, size), cast(int, self.radix))
         free = (spare if y is flat else buf).reshape(-1)  # the work buffer not holding y
         first = pieces[0][0].first + pieces[0][1]
         if size < self.k:  # every transformed coordinate goes to its own sampled output
@@ -404,7 +403,7 @@ def _check_block_size(block_size: int) -> None:
 
 
 @dataclass(frozen=True)
-class SRHT:
+class SRHT(GradientProjection):
     """Subsampled randomized Hadamard transform over blocks of b = min(``block_size``, the
     smallest power of two >= k) coordinates.
 

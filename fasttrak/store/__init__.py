@@ -5,17 +5,21 @@ from fasttrak.store.core import (
     DEFAULT_CHUNK_ROWS,
     FEATURE_DTYPES,
     FORMAT_VERSION,
-    CheckpointStore,
     ChunkRecord,
+    ModelStore,
     Store,
     complete_records,
 )
 
+CheckpointStore = ModelStore
+"""Deprecated name of :class:`ModelStore`."""
+
 __all__ = [
+    "CheckpointStore",
     "DEFAULT_CHUNK_ROWS",
     "FEATURE_DTYPES",
     "FORMAT_VERSION",
-    "CheckpointStore",
+    "ModelStore",
     "ChunkRecord",
     "Store",
     "complete_records",

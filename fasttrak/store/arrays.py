@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.abc.store
 
 from fasttrak.errors import StoreCorruptError
 from fasttrak.store.files import Files, os_errors
@@ -67,7 +68,7 @@ def layout_problem(
     codecs = array.metadata.codecs  # type: ignore[union-attr]
     if len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec":
         problems.append(f"codecs {codecs} (expected uncompressed bytes)")
-    elif getattr(codecs[0], "endian", None) is not None and codecs[0].endian.value != "little":
+    elif getattr(getattr(codecs[0], "endian", None), "value", "little") != "little":
         problems.append("big-endian bytes (expected little-endian)")
     return "; ".join(problems) or None
 
@@ -136,7 +137,7 @@ def read_whole(files: Files, key: str, what: str, fix: str) -> tuple[np.ndarray,
                 f"{what}: chunk {index} of array {key} is missing (its file was deleted); {fix}"
             )
     try:
-        data = array[...]
+        data = np.asarray(array[...])
     except Exception as error:
         raise StoreCorruptError(f"{what}: array {key} cannot be read ({error}); {fix}") from error
     for (index, slices), expected in zip(grid, record["chunk_crc32c"], strict=True):

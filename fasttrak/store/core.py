@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from fasttrak.deprecation import deprecated
 from fasttrak.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -171,7 +172,11 @@ class Store:
             }
             files.create(RUN, encode(fields))  # False: another process created it first
             run = _read_run(files, where)
-            assert run is not None
+            if run is None:
+                raise StoreCorruptError(
+                    f"{where}: the run record vanished right after it was written; check the "
+                    "filesystem (is another process deleting the store?)"
+                )
         store = cls(files, None if location is None else str(location), run)
         store._check_meta(meta, chunk_rows)
         if files.writable:
@@ -348,10 +353,10 @@ class Store:
                 "for other data"
             )
 
-    # -------------------------------------------------------------- checkpoints
-    def checkpoint_ids(self) -> list[int]:
+    # -------------------------------------------------------------- models
+    def model_ids(self) -> list[int]:
         """Model ids that have a checkpoint record or done marks (featurized, being
-        featurized, or damaged: :meth:`checkpoint` says which)."""
+        featurized, or damaged: :meth:`model` says which)."""
         ids = []
         for name in self.files.list("records/checkpoints"):
             if name.isdigit() and (
@@ -361,7 +366,7 @@ class Store:
                 ids.append(int(name))
         return sorted(ids)
 
-    def checkpoint(self, m: int) -> CheckpointStore:
+    def model(self, m: int) -> ModelStore:
         """Model m's part of the store; NotFeaturizedError if it has none."""
         record = self.read_record(
             f"{checkpoint_dir(m)}/checkpoint.json", f"the checkpoint record of model {m}"
@@ -373,15 +378,23 @@ class Store:
                     f"deleted, or an overwrite was interrupted); {self.repair_hint()}"
                 )
             raise NotFeaturizedError(
-                f"{self.where} holds no features of model {m} (stored: {self.checkpoint_ids()}); "
+                f"{self.where} holds no features of model {m} (stored: {self.model_ids()}); "
                 "featurize it first"
             )
-        return CheckpointStore(self, m, str(record["fingerprint"]))
+        return ModelStore(self, m, str(record["fingerprint"]))
+
+    def checkpoint_ids(self) -> list[int]:
+        """Deprecated name of :meth:`model_ids`."""
+        deprecated("Store.checkpoint_ids()", "Store.model_ids()")
+        return self.model_ids()
+
+    def checkpoint(self, m: int) -> ModelStore:
+        """Deprecated name of :meth:`model`."""
+        deprecated("Store.checkpoint(m)", "Store.model(model_id)")
+        return self.model(m)
 
     @contextlib.contextmanager
-    def writing(
-        self, m: int, fingerprint: str, overwrite: bool = False
-    ) -> Iterator[CheckpointStore]:
+    def writing(self, m: int, fingerprint: str, overwrite: bool = False) -> Iterator[ModelStore]:
         """Model m's store, created if new, for as long as the block writes to it.
 
         Many processes may write the same model at once (they claim chunks). Features of
@@ -419,7 +432,7 @@ class Store:
             return "damaged"
         return None if record is None else str(record["fingerprint"])
 
-    def _create_checkpoint(self, m: int, fingerprint: str) -> CheckpointStore:
+    def _create_checkpoint(self, m: int, fingerprint: str) -> ModelStore:
         """Model m's arrays and record (idempotent); CheckpointMismatchError if model m was
         featurized from other weights."""
         record_key = f"{checkpoint_dir(m)}/checkpoint.json"
@@ -442,14 +455,18 @@ class Store:
                 self.files.write(f"checkpoints/{m}/zarr.json", GROUP_JSON)
             self.files.create(record_key, encode({"model_id": m, "fingerprint": fingerprint}))
             record = self.read_record(record_key, f"the checkpoint record of model {m}")
-            assert record is not None
+            if record is None:
+                raise StoreCorruptError(
+                    f"{self.where}: the checkpoint record of model {m} vanished right after it "
+                    "was written; check the filesystem (is another process deleting it?)"
+                )
         if record["fingerprint"] != fingerprint:
             raise CheckpointMismatchError(
                 f"model {m} in {self.where} was featurized from other weights; pass "
                 "overwrite=True to replace its features, another model id (model_ids=), "
                 "or a new store"
             )
-        return CheckpointStore(self, m, fingerprint)
+        return ModelStore(self, m, fingerprint)
 
     def _delete_checkpoint(self, m: int) -> None:
         """Remove model m: its record first (nothing of it is trusted after that step)."""
@@ -466,8 +483,8 @@ class Store:
 
 
 # ---------------------------------------------------------------- one model
-class CheckpointStore:
-    """Features, Q, done marks and kernels of one model (one checkpoint)."""
+class ModelStore:
+    """Features, Q, done marks and kernels of one model id (the features of one checkpoint)."""
 
     def __init__(self, store: Store, model_id: int, fingerprint: str) -> None:
         self.store = store
@@ -480,7 +497,8 @@ class CheckpointStore:
     @property
     def num_rows(self) -> int:
         n = self.store.num_train
-        assert n is not None
+        if n is None:
+            raise NotFeaturizedError(f"{self.store.where} records no training set yet")
         return n
 
     @property
@@ -635,7 +653,7 @@ class CheckpointStore:
                 f"done; {fix}"
             )
         try:
-            data = array[self.chunk_slice(c)]
+            data = np.asarray(array[self.chunk_slice(c)])
         except Exception as error:
             raise StoreCorruptError(
                 f"{self._where(name, c)}: unreadable ({error}); {fix}"
@@ -807,7 +825,7 @@ def _jsonish(value: Any) -> Any:
     return value
 
 
-def complete_records(ck: CheckpointStore) -> dict[int, ChunkRecord]:
+def complete_records(ck: ModelStore) -> dict[int, ChunkRecord]:
     """The done marks of a model whose every chunk is done; NotFeaturizedError otherwise."""
     records = ck.records()
     missing = [c for c in range(ck.num_chunks) if c not in records]

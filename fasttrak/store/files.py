@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import zarr
+import zarr.abc.store
 from zarr.core.buffer import default_buffer_prototype
 
 from fasttrak.errors import FastTrakError, ReadOnlyStoreError, StoreError

@@ -24,8 +24,8 @@ from fasttrak.store.arrays import chunk_key, new_array, open_array, read_whole
 from fasttrak.store.core import (
     RUN,
     TRAIN,
-    CheckpointStore,
     ChunkRecord,
+    ModelStore,
     Store,
     _mirror_bytes,
     _read_mirror,
@@ -170,15 +170,14 @@ class _Walk:
         except StoreCorruptError as error:
             detail = str(error).split(": ", 1)[-1].split(";")[0]
         n = self._rows_from_arrays()
-        if n is not None or detail:
-            action = f"restored (n = {n}) from the feature arrays" if n else "deleted"
-            self.problem(TRAIN, detail, action)
-            if self.fix:
-                if n:
-                    self.files.write(TRAIN, encode({"n": n}))
-                else:
-                    self.files.delete(TRAIN)
-            return n
+        action = f"restored (n = {n}) from the feature arrays" if n else "deleted"
+        self.problem(TRAIN, detail, action)
+        if self.fix:
+            if n:
+                self.files.write(TRAIN, encode({"n": n}))
+            else:
+                self.files.delete(TRAIN)
+        return n
 
     def _rows_from_arrays(self) -> int | None:
         for m in self.model_ids():
@@ -256,7 +255,7 @@ class _Walk:
             return
         if n is None:
             return
-        ck = CheckpointStore(self.store, m, fingerprint)
+        ck = ModelStore(self.store, m, fingerprint)
         if not self.arrays(ck):
             return
         self.chunks(ck)
@@ -277,7 +276,7 @@ class _Walk:
                 continue
         return prints.pop() if len(prints) == 1 else None
 
-    def arrays(self, ck: CheckpointStore) -> bool:
+    def arrays(self, ck: ModelStore) -> bool:
         """Check (and with fix, rewrite) the layout of the features and q arrays."""
         ok = True
         for name in ("features", "q"):
@@ -293,7 +292,7 @@ class _Walk:
                     ok = False
         return ok
 
-    def _rewrite_metadata(self, ck: CheckpointStore, name: str) -> None:
+    def _rewrite_metadata(self, ck: ModelStore, name: str) -> None:
         n, k, rows = ck.num_rows, self.store.k, min(self.store.chunk_rows, ck.num_rows)
         shape, chunks, dtype = {
             "features": ((n, k), (rows, k), self.store.feature_dtype),
@@ -307,7 +306,7 @@ class _Walk:
         self.files.delete_tree(staged)
         ck._arrays.pop(name, None)
 
-    def chunks(self, ck: CheckpointStore) -> None:
+    def chunks(self, ck: ModelStore) -> None:
         m = ck.model_id
         damaged: list[str] = []
         for name in self.files.list(f"{checkpoint_dir(m)}/done"):
@@ -352,7 +351,7 @@ class _Walk:
         if pending and not self.fix:
             self.report.pending[m] = pending
 
-    def _chunk_problem(self, ck: CheckpointStore, record: ChunkRecord) -> str | None:
+    def _chunk_problem(self, ck: ModelStore, record: ChunkRecord) -> str | None:
         for name in ("features", "q"):
             try:
                 ck.read(name, record)
@@ -370,7 +369,7 @@ class _Walk:
             return False
         return True
 
-    def _unfinish(self, ck: CheckpointStore, c: int) -> None:
+    def _unfinish(self, ck: ModelStore, c: int) -> None:
         self.report.recompute.setdefault(ck.model_id, []).append(c)
         if not self.fix:
             return
@@ -378,7 +377,7 @@ class _Walk:
         self.files.delete(chunk_key(array_key(ck.model_id, "features"), (c, 0)))
         self.files.delete(chunk_key(array_key(ck.model_id, "q"), (c,)))
 
-    def kernels(self, ck: CheckpointStore) -> None:
+    def kernels(self, ck: ModelStore) -> None:
         base = f"checkpoints/{ck.model_id}/kernels"
         for name in self.files.list(base):
             self.report.count("kernels")

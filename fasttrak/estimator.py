@@ -1,0 +1,164 @@
+"""The estimator's settings as one value, and the kernel factor they key in the store.
+
+score(z, i) = mean_m(Q_m,i) · mean_m( φ_m(z)ᵀ K_m⁻¹ φ_m(z_i) ), with K_m built from the
+stored features Φ_m as the :class:`Estimator` says. The features do not depend on it, so
+one store serves every estimator: pass ``estimator=`` to :meth:`fasttrak.TRAK.score`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from fasttrak import kernel as kernel_ops
+from fasttrak.errors import ConfigError
+from fasttrak.store import ChunkRecord, ModelStore
+from fasttrak.store.core import sources_of
+from fasttrak.validation import positive_int
+
+DEFAULT_KERNEL_BLOCKS = 4
+"""Kernel blocks when k >= 1024. Measured (docs/lds_vs_cost.md): with Gauss-Newton at
+k = 1024, 4 blocks add ~0.04 LDS at 5 models on an MLP and a CNN; blocks of 64 coordinates
+(k = 256) lose 0.05-0.17, hence no blocks below k = 1024."""
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """How scores are computed from stored features (chosen at scoring time).
+
+    kernel: ``"gauss_newton"`` (Φᵀ R Φ with R = Q (1 - Q) per training example; influence
+        functions on convex models) or ``"plain"`` (Φᵀ Φ, the paper's).
+    ridge: relative ridge, λ = ridge · trace(Φᵀ R Φ) / min(n, k).
+    kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
+        groups of k / B) and averages the B estimates, a virtual ensemble. None: 4 when
+        k >= 1024 (blocks of >= 256 coordinates), else 1.
+    precision: ``"float32"`` or ``"float64"`` products when building the kernel (always
+        summed in float64).
+    """
+
+    kernel: kernel_ops.Weighting = "gauss_newton"
+    ridge: float = kernel_ops.DEFAULT_RIDGE
+    kernel_blocks: int | None = None
+    precision: kernel_ops.Precision = "float32"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in kernel_ops.WEIGHTINGS:
+            raise ConfigError(f"kernel must be one of {kernel_ops.WEIGHTINGS}, got {self.kernel!r}")
+        if self.precision not in ("float32", "float64"):
+            raise ConfigError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+        ridge = self.ridge
+        if (
+            isinstance(ridge, bool)
+            or not isinstance(ridge, (int, float, np.integer, np.floating))
+            or not math.isfinite(ridge)
+            or ridge < 0
+        ):
+            raise ConfigError(
+                f"ridge must be a finite number >= 0 (a fraction of the kernel's scale), "
+                f"got {ridge!r}"
+            )
+        object.__setattr__(self, "ridge", float(ridge))
+        if self.kernel_blocks is not None:
+            object.__setattr__(
+                self, "kernel_blocks", positive_int("kernel_blocks", self.kernel_blocks)
+            )
+
+    def for_dim(self, k: int) -> Estimator:
+        """This estimator with ``kernel_blocks`` decided for feature dimension ``k``
+        (raises ConfigError when k cannot be split into that many blocks)."""
+        blocks = self.kernel_blocks
+        if blocks is None:
+            blocks = DEFAULT_KERNEL_BLOCKS if k >= 1024 else 1
+        kernel_ops.block_slices(k, blocks)  # raises for a bad number of blocks
+        return replace(self, kernel_blocks=blocks)
+
+    @property
+    def blocks(self) -> int:
+        """The number of kernel blocks (call :meth:`for_dim` first when it is None)."""
+        if self.kernel_blocks is None:
+            raise ConfigError("kernel_blocks is not decided yet: call estimator.for_dim(k)")
+        return self.kernel_blocks
+
+    def gram_settings(self) -> dict[str, Any]:
+        """What keys a cached gram: it is rebuilt when any of it changes."""
+        gram: dict[str, Any] = {"kernel": self.kernel, "precision": self.precision}
+        if self.kernel == "gauss_newton":  # grams of other guards (or none) are not reused
+            gram["guard"] = kernel_ops.GAUSS_NEWTON_GUARD
+        return gram
+
+    def factor_settings(self) -> dict[str, Any]:
+        """What keys a cached factor."""
+        return {
+            **self.gram_settings(),
+            "ridge": self.ridge,
+            "relative_to": "trace/min(n,k)",
+            "blocks": self.blocks,
+        }
+
+
+FactorCache = dict[tuple[int, str, str], np.ndarray]
+"""Factors kept in memory, for stores that cannot cache them (read-only)."""
+
+
+def kernel_factor(
+    model: ModelStore,
+    records: dict[int, ChunkRecord],
+    estimator: Estimator,
+    memory: FactorCache,
+) -> np.ndarray:
+    """Per-block Cholesky factors (B, s, s) of one model's kernel, built from these chunks
+    and cached in the store (in ``memory`` when the store is read-only)."""
+    k = model.store.k
+    estimator = estimator.for_dim(k)
+    gram_settings, factor_settings = estimator.gram_settings(), estimator.factor_settings()
+    memory_key = (model.model_id, sources_of(records), str(sorted(factor_settings.items())))
+    if memory_key in memory:
+        return memory[memory_key]
+    factor = model.read_kernel("factor", factor_settings, records)
+    if factor is not None:
+        return factor
+    gram = model.read_kernel("gram", gram_settings, records)
+    writable = model.store.writable
+    if gram is None:
+        gram = kernel_ops.gram(kernel_rows(model, records, estimator), k, estimator.precision)
+        if writable:
+            rows = max(1, min(k, 2**21 // k))  # chunks of <= 16 MiB
+            model.write_kernel("gram", gram_settings, records, gram, (rows, k))
+    factor = kernel_ops.block_diagonal_factor(
+        gram, estimator.ridge, model.num_rows, estimator.blocks, weighting=estimator.kernel
+    )
+    if writable:
+        model.write_kernel("factor", factor_settings, records, factor, (1, *factor.shape[1:]))
+    else:
+        memory[memory_key] = factor
+    return factor
+
+
+def kernel_rows(
+    model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator
+) -> Iterator[np.ndarray]:
+    """Verified row chunks of Φ, or of R^½ Φ for the Gauss-Newton kernel."""
+    weights = None
+    q = model.read_all("q", records)
+    if estimator.kernel == "gauss_newton":  # guarded against saturation; warns when it acts
+        r = kernel_ops.gauss_newton_weights(q, k=model.store.k, model=model.model_id)
+        weights = np.sqrt(r)
+    else:
+        kernel_ops.warn_if_saturated(q, model=model.model_id)
+    for c in range(model.num_chunks):
+        block = np.asarray(model.read("features", records[c]), dtype=np.float32)
+        if weights is not None:
+            rows = model.chunk_slice(c)
+            block = block * weights[rows].astype(np.float32)[:, None]
+        yield block
+
+
+def solve_targets(factor: np.ndarray, phi: Tensor, estimator: Estimator) -> Tensor:
+    """K⁻¹ φ(targets) averaged over the kernel's blocks: (k, n_targets) from phi
+    (n_targets, k), i.e. Σ_b K_bb⁻¹ φ_b / B."""
+    return kernel_ops.solve(factor, phi.cpu().T) / estimator.blocks
