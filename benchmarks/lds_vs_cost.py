@@ -6,48 +6,52 @@ seconds it costs for every configuration of
 
 * projector (dense, sjlt, srht) x k (256, 1024, 4096),
 * number of attribution models M (1, 2, 5, 10, 20),
-* estimator options: plain, gauss_newton, kernel_blocks=4, gauss_newton + kernel_blocks=4,
+* estimator options (``ft.Estimator``): plain, gauss_newton, kernel_blocks=4,
+  gauss_newton + kernel_blocks=4,
 * ridge 0.1 (default); 0.03 and 0.3 as well at k <= 1024, and for the best families at 4096.
 
+Only fasttrak's public API is used: the scores are the library's own ``trak.score``.
+
 Cost of a configuration = CPU seconds of training its M attribution models + featurizing
-the 1000 training rows for each of them + scoring (the 300 target rows' features, the gram,
-the Cholesky factor, the solve and the score product, per model), all on one torch thread.
+the 1000 training rows for each of them + scoring them, all on one torch thread.
 
-How the M models are evaluated. Each (model kind, projector, k) gets ONE store holding the
-features of the first N attribution models (N = 20, fewer where the grid says so); model m's
-features do not depend on how many models are used. The TRAK estimator is additive over
-models::
+* Featurize: each (model kind, projector, k) gets ONE store holding the first N attribution
+  models (N = 20, fewer where the grid says so), featurized one model per
+  ``trak.featurize(train, checkpoints=[state_m], model_ids=[m])`` call; model m's seconds
+  are that call's process_time (store writes included). Model m's features do not depend
+  on how many models are used, so the store serves every M <= N.
+* Score: per option and model, ``trak.score(targets, checkpoints=[state_m],
+  model_ids=[m], estimator=option)`` (the 300 target features, the gram, the Cholesky
+  factor, the solve); the scores of the first M models are
+  ``np.asarray(ft.Scores.combine(per_model[:M]))``, which equals
+  ``trak.score(..., model_ids=range(M))``. Score seconds of M = the M per-model calls + that
+  materialisation. The store caches each model's gram (per kernel weighting) and factor
+  (per estimator), so every option is scored on a fresh copy of the featurized store: each
+  option pays its own gram and factor, as a user running that option alone would, and
+  reruns re-time the scoring instead of reading cached factors.
+* Checked: at M = N, ``Scores.combine`` of the per-model scores must equal one
+  ``trak.score(targets, checkpoints=all N)`` call on the same store (all options at the
+  smallest k, gauss_newton + blocks 4 at k = 1024), to float32 tolerance; the check is
+  recorded in the JSON.
 
-    score(t, i) = mean_{m<M} Q_m,i  *  mean_{m<M} phi_m(t)^T K_m^-1 phi_m(i)  [/ B per block]
-
-so the per-model pieces A_m = Phi_m K_m^-1 phi_m(targets)^T / B and Q_m are computed once per
-model with the library's own kernel functions (fasttrak.kernel.gram, block_diagonal_factor,
-solve, exactly as TRAK.score chains them) and running sums give the scores of every M <= N
-in one pass. TRAK.score needs every checkpoint of its store, so it cannot score a prefix;
-re-featurizing one store per M would cost 1+2+5+10+20 = 38 featurizations instead of 20.
-The reconstruction is tested: at M = N the scores must equal np.asarray(trak.score(...)) of
-the library on the same store (all options at the smallest k, gauss_newton + blocks 4 at
-k = 1024), to float32 tolerance; the check is recorded in the JSON.
-
-The target features are featurized into a second store (same projector seed and checkpoint
-indices, hence the same projections as TRAK.score computes), which also times them per model.
-Per-model featurize seconds come from process_time() at the model boundaries of one
-featurize call (store writes included); the target features are charged only their
-TRAK._features time, which is what TRAK.score spends on them.
 Everything is cached under --out (ground truth, models and their training seconds, stores
 and their featurize seconds); scoring is recomputed (and re-timed) on every run.
 
 Also measured per (model kind, projector, k): the ratio of projection time (building the
-projector + project() calls) to per-example gradient time (engine.parts), over the training
-featurization of all N models.
+projection, "fasttrak.featurizer", + its calls, "fasttrak.project") to per-example gradient
+time ("fasttrak.gradients"), from torch.profiler's totals of the library's
+``record_function`` labels over one more, profiled, in-memory featurization of the first
+PROFILE_MODELS models (so that profiling inflates no cost); its CPU seconds over those of
+the same in-memory featurization unprofiled are recorded as the profiler's overhead.
 
 Usage::
 
-    python benchmarks/lds_vs_cost.py --quiet         # full run: 23 min on 1 shared core
-    python benchmarks/lds_vs_cost.py --quick         # ~1 min smoke run
+    python benchmarks/lds_vs_cost.py --quiet         # full run: 23+ min on 1 shared core
+    python benchmarks/lds_vs_cost.py --quick         # ~2 min smoke run
     python benchmarks/lds_vs_cost.py --replot        # tables + plot from an earlier run
 
-Writes one JSON line per configuration to stdout, everything to --json (default
+Writes one JSON line per configuration to stdout (LDS, CPU seconds and proj_over_grad, the
+projection / gradient ratio measured in this process), everything to --json (default
 docs/lds_vs_cost.json), a plot to --plot (docs/lds_vs_cost.png) and markdown tables to
 OUT/tables.md; progress goes to stderr. --quick writes to OUT/quick/ instead of docs/.
 """
@@ -63,6 +67,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -73,10 +78,10 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import fasttrak as ft  # noqa: E402
 from fasttrak import demo  # noqa: E402
-from fasttrak import kernel as kernel_ops  # noqa: E402
 from fasttrak.demo import (  # noqa: E402
     DigitsData,
     TrainConfig,
@@ -92,7 +97,7 @@ PROJECTORS = ("dense", "sjlt", "srht")
 PROJ_DIMS = (256, 1024, 4096)
 NUM_MODELS = (1, 2, 5, 10, 20)
 RIDGES = (0.03, 0.1, 0.3)
-DEFAULT_RIDGE = kernel_ops.DEFAULT_RIDGE
+DEFAULT_RIDGE = ft.Estimator().ridge
 MAX_MODELS = {("dense", 4096): 5}
 """Per (projector, k): fewer models where the full 20 cost too much (dense at k = 4096:
 2.5 s to featurize a model and ~8 s to score it with the four options)."""
@@ -100,6 +105,16 @@ FULL_RIDGE_MAX_K = 1024
 """Ridges 0.03 / 0.1 / 0.3 for every option up to this k; above it only 0.1, plus a second
 pass for the best families (a 4096 Cholesky factor takes ~2 s)."""
 BATCH_SIZE = 250
+PROFILE_MODELS = 2
+"""Models featurized once more under torch.profiler for the projection / gradient ratio."""
+STAGES = {
+    "grad": "fasttrak.gradients",
+    "build": "fasttrak.featurizer",
+    "project": "fasttrak.project",
+    "q": "fasttrak.out_to_loss",
+    "write": "fasttrak.write",
+}
+"""The library's record_function labels of featurize's stages."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,10 @@ class Option:
         return {"plain": "plain", "gauss_newton": "gn"}[self.kernel] + (
             f"+b{self.blocks}" if self.blocks > 1 else ""
         )
+
+    @property
+    def estimator(self) -> ft.Estimator:
+        return ft.Estimator(kernel=self.kernel, ridge=self.ridge, kernel_blocks=self.blocks)
 
 
 ESTIMATORS = (("plain", 1), ("gauss_newton", 1), ("plain", 4), ("gauss_newton", 4))
@@ -246,7 +265,7 @@ def attribution_models(
     return states, seconds
 
 
-def make_trak(kind: Kind, projector: str, k: int, store: Path | None, **options: Any) -> ft.TRAK:
+def make_trak(kind: Kind, projector: str, k: int, store: Path | None) -> ft.TRAK:
     return ft.TRAK(
         kind.make(),
         proj_dim=k,
@@ -255,80 +274,30 @@ def make_trak(kind: Kind, projector: str, k: int, store: Path | None, **options:
         batch_size=BATCH_SIZE,
         vmap_chunk_size=None,
         progress=False,
-        **options,
     )
 
 
-class Instrument:
-    """Times, per featurize call, each model (process_time between the store's
-    writing calls, store writes included), the feature computation of each model
-    alone (TRAK._features) and the gradient / projector-building / projection calls."""
+def stage_seconds(events: Any) -> dict[str, float]:
+    """CPU seconds per featurize stage from a profiler's key_averages() (0 when absent)."""
+    totals = {event.key: event.cpu_time_total / 1e6 for event in events}
+    return {name: totals.get(label, 0.0) for name, label in STAGES.items()}
 
-    def __init__(self, trak: ft.TRAK) -> None:
-        self.grad = self.build = self.project = 0.0
-        self.marks: list[float] = []
-        self.features: dict[int, float] = {}
-        features = trak._features
-        gradient_engine, open_checkpoint, get_projector = (
-            trak._gradient_engine,
-            trak.store.writing,
-            trak._projector,
-        )
 
-        def timed_engine(task: Any) -> Any:
-            engine = gradient_engine(task)
-            parts = engine.parts
-
-            def timed_parts(*args: Any, **kwargs: Any) -> Any:
-                start = cpu()
-                try:
-                    return parts(*args, **kwargs)
-                finally:
-                    self.grad += cpu() - start
-
-            engine.parts = timed_parts  # type: ignore[method-assign]
-            return engine
-
-        def timed_open(*args: Any, **kwargs: Any) -> Any:
-            self.marks.append(cpu())
-            return open_checkpoint(*args, **kwargs)
-
-        def timed_projector(m: int) -> Any:
-            fresh = trak._projector_of is None or trak._projector_of[0] != m
-            start = cpu()
-            projector = get_projector(m)
-            self.build += cpu() - start
-            if fresh:
-                project = projector.project
-
-                def timed_project(grads: Any) -> Any:
-                    t0 = cpu()
-                    try:
-                        return project(grads)
-                    finally:
-                        self.project += cpu() - t0
-
-                projector.project = timed_project
-            return projector
-
-        def timed_features(*args: Any, **kwargs: Any) -> Any:
-            m = args[3]
-            start = cpu()
-            try:
-                return features(*args, **kwargs)
-            finally:
-                self.features[m] = self.features.get(m, 0.0) + cpu() - start
-
-        trak._features = timed_features  # type: ignore[method-assign]
-        trak._gradient_engine = timed_engine  # type: ignore[method-assign]
-        trak.store.writing = timed_open  # type: ignore[method-assign]
-        trak._projector = timed_projector  # type: ignore[method-assign]
-
-    def per_model(self, start: float, end: float) -> list[float]:
-        """Seconds per model; the set-up before the first model is spread evenly."""
-        marks = self.marks + [end]
-        setup = (marks[0] - start) / max(1, len(self.marks))
-        return [b - a + setup for a, b in zip(marks[:-1], marks[1:], strict=True)]
+def profile_stages(
+    kind: Kind, projector: str, k: int, rows: tuple[Tensor, Tensor], states: list
+) -> tuple[dict[str, float], float, float]:
+    """Featurize ``rows`` for ``states`` twice more, in memory: once plain, once under
+    torch.profiler. Returns the seconds per stage (the library's record_function labels)
+    and the CPU seconds of the plain and of the profiled call."""
+    start = cpu()
+    make_trak(kind, projector, k, None).featurize(rows, checkpoints=states)
+    plain = cpu() - start
+    trak = make_trak(kind, projector, k, None)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = cpu()
+        trak.featurize(rows, checkpoints=states)
+        profiled = cpu() - start
+    return stage_seconds(prof.key_averages()), plain, profiled
 
 
 def featurize(
@@ -338,118 +307,106 @@ def featurize(
     rows: tuple[Tensor, Tensor],
     states: list[dict[str, Tensor]],
     path: Path,
-) -> tuple[ft.TRAK, dict[str, Any]]:
-    """Featurize ``rows`` for every state into the store at ``path``; returns the TRAK and
-    its timings (per-model seconds, gradient / build / project seconds), cached in a
+) -> dict[str, Any]:
+    """Featurize ``rows`` for every state into the store at ``path``, one
+    ``trak.featurize`` call per model, and profile the first PROFILE_MODELS models again;
+    returns the timings (per-model seconds, stage seconds of the profiled pass), cached in a
     sidecar JSON written when the store is complete."""
     sidecar = path.with_suffix(".timing.json")
-    trak = make_trak(kind, projector, k, path)
-    if sidecar.exists():
+    if sidecar.exists() and path.exists():
         timing = json.loads(sidecar.read_text())
-        if len(timing["per_model"]) == len(states) and len(trak.store.checkpoint_ids()) == len(
-            states
-        ):
-            trak.featurize(rows, checkpoints=states)  # no work: every chunk is done
-            return trak, timing
-    instrument = Instrument(trak)
-    start = cpu()
-    trak.featurize(rows, checkpoints=states)
-    end = cpu()
+        trak = make_trak(kind, projector, k, path)
+        complete = trak.store.model_ids() == list(range(len(states)))
+        if "stages_s" in timing and len(timing["per_model"]) == len(states) and complete:
+            return timing
+    shutil.rmtree(path, ignore_errors=True)  # a partial store would time as free
+    sidecar.unlink(missing_ok=True)
+    trak = make_trak(kind, projector, k, path)
+    per_model = []
+    for m, state in enumerate(states):
+        start = cpu()
+        trak.featurize(rows, checkpoints=[state], model_ids=[m])
+        per_model.append(cpu() - start)
+    profiled = min(PROFILE_MODELS, len(states))
+    stages, plain_s, profiled_s = profile_stages(kind, projector, k, rows, states[:profiled])
     timing = {
-        "per_model": instrument.per_model(start, end),
-        "grad_s": instrument.grad,
-        "build_s": instrument.build,
-        "project_s": instrument.project,
-        "total_s": end - start,
-        "features_per_model": [instrument.features.get(m, 0.0) for m in range(len(states))],
+        "per_model": per_model,
+        "total_s": sum(per_model),
+        "profiled_models": profiled,
+        "stages_s": stages,
+        "profiled_s": profiled_s,
+        "profiler_overhead": profiled_s / plain_s,
     }
-    if len(instrument.marks) != len(states):
-        raise RuntimeError(f"{path}: featurized partly before; delete it and rerun")
     sidecar.write_text(json.dumps(timing))
-    return trak, timing
+    return timing
 
 
-# ---------------------------------------------------------------------- the estimator
+# ---------------------------------------------------------------------- scoring
 
 
-@dataclass
-class Running:
-    """Running sums over models of one option: Σ_m Phi_m K_m^-1 phi_m(T)^T / B, seconds."""
-
-    total: Tensor
-    seconds: float = 0.0
-
-
-def sweep_store(
-    train_trak: ft.TRAK,
-    target_trak: ft.TRAK,
-    target_seconds: Sequence[float],
-    options: Sequence[Option],
+def score_option(
+    kind: Kind,
+    projector: str,
+    k: int,
+    store: Path,
+    states: list[dict[str, Tensor]],
+    targets: tuple[Tensor, Tensor],
+    opt: Option,
     num_models: Sequence[int],
     on_scores: Callable[[Option, int, np.ndarray, float], None],
-) -> None:
-    """Reproduce TRAK.score for every option and every M in ``num_models`` in one pass.
+    check: bool,
+) -> dict[str, Any] | None:
+    """Score ``opt`` with trak.score, one model at a time, on a fresh copy of the store.
 
-    Per model m (in store order): read Phi_m, Q_m and the target features, build the gram
-    of each weighting needed, then per option the block-diagonal factor, the solve and the
-    product Phi_m @ solved; running sums give the scores of the first M models, handed to
-    ``on_scores(option, M, scores (T, n) float32, score_seconds)``. The arithmetic is the
-    library's (fasttrak.trak.TRAK.score / _factor / _kernel_rows, fasttrak.scoring.Scores).
-    score_seconds of M = Σ_{m<M} (target features of m + its gram + factor/solve/product).
+    The scores of the first M models (every M in ``num_models``) are ``Scores.combine`` of
+    the per-model scores, handed to ``on_scores(option, M, scores (T, n) float32,
+    score_seconds)``; score_seconds of M = the first M per-model trak.score calls +
+    materialising their combination. With ``check``, the combination of all of them is
+    compared with one trak.score call over the same models; returns that comparison.
     """
-    ids = train_trak.store.checkpoint_ids()
-    assert ids == target_trak.store.checkpoint_ids(), "train and target stores differ"
-    k, wanted = train_trak.k, sorted(set(num_models))
-    n = train_trak.store.num_train
-    weightings = sorted({opt.kernel for opt in options})
-    running: dict[Option, Running] = {}
-    q_sum: np.ndarray | None = None
-    for m in ids:
-        ck, tk = train_trak.store.checkpoint(m), target_trak.store.checkpoint(m)
-        assert ck is not None and tk is not None
+    scratch = store.with_name(store.name + "-scoring")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(store, scratch)  # no gram or factor cached yet: this option pays its own
+    try:
+        trak = make_trak(kind, projector, k, scratch)
+        wanted, per_model, seconds = set(num_models), [], 0.0
+        count = max(wanted)
+        combined = np.zeros(0)
+        for m, state in enumerate(states[:count]):
+            start = cpu()
+            per_model.append(
+                trak.score(targets, checkpoints=[state], model_ids=[m], estimator=opt.estimator)
+            )
+            seconds += cpu() - start
+            if m + 1 in wanted:
+                start = cpu()
+                combined = np.asarray(ft.Scores.combine(per_model), dtype=np.float32)
+                on_scores(opt, m + 1, combined, seconds + cpu() - start)
+        if not check:
+            return None
         start = cpu()
-        phi = np.asarray(ck.features(), dtype=np.float32)
-        q = np.asarray(ck.q())
-        read_s = cpu() - start
-        phi_target = torch.from_numpy(np.asarray(tk.features(), dtype=np.float32))
-        grams, gram_s = {}, {}
-        for weighting in weightings:
-            start = cpu()
-            grams[weighting] = kernel_ops.gram(_kernel_rows(ck, phi, q, weighting), k, "float32")
-            gram_s[weighting] = cpu() - start + read_s
-        phi_t = torch.from_numpy(phi)
-        for opt in options:
-            start = cpu()
-            factor = kernel_ops.block_diagonal_factor(grams[opt.kernel], opt.ridge, n, opt.blocks)
-            solved = (kernel_ops.solve(factor, phi_target.T) / opt.blocks).float()
-            product = (phi_t @ solved).double()
-            seconds = cpu() - start + gram_s[opt.kernel] + target_seconds[m]
-            if opt not in running:
-                running[opt] = Running(product, seconds)
-            else:
-                running[opt].total += product
-                running[opt].seconds += seconds
-        q64 = q.astype(np.float64)
-        q_sum = q64 if q_sum is None else q_sum + q64
-        count = m + 1
-        if count in wanted:
-            q_mean = (q_sum / count).astype(np.float32)
-            scale = torch.from_numpy(q_mean).double()[:, None] / count
-            for opt, run in running.items():
-                scores = (run.total * scale).T.float().numpy()
-                on_scores(opt, count, scores, run.seconds)
-
-
-def _kernel_rows(ck: Any, phi: np.ndarray, q: np.ndarray, weighting: str) -> Any:
-    """The row blocks TRAK._kernel_rows yields (store chunks of Phi, or of R^1/2 Phi; the
-    weights R come from the whole Q, as their guard looks at every row)."""
-    weights = np.sqrt(kernel_ops.gauss_newton_weights(q)) if weighting == "gauss_newton" else None
-    for c in range(ck.num_chunks):
-        rows = ck.chunk_slice(c)
-        block = phi[rows]
-        if weights is not None:
-            block = block * weights[rows].astype(np.float32)[:, None]
-        yield block
+        library = np.asarray(
+            trak.score(targets, checkpoints=states[:count], estimator=opt.estimator),
+            dtype=np.float32,
+        )
+        one_call_s = cpu() - start
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    diff = float(np.abs(library - combined).max())
+    scale = float(np.abs(library).max())
+    return {
+        "model": kind.name,
+        "projector": projector,
+        "k": k,
+        "options": opt.name,
+        "ridge": opt.ridge,
+        "models": count,
+        "max_abs_diff": diff,
+        "max_abs_score": scale,
+        "ok": diff <= 1e-4 * scale,
+        "one_call_score_cpu_s": round(one_call_s, 3),
+        "per_model_score_cpu_s": round(seconds, 3),
+    }
 
 
 # ---------------------------------------------------------------------- the sweep
@@ -519,7 +476,7 @@ class Results:
         }
         print(json.dumps(row), flush=True)
         self.rows.append(row)
-        self.per_target[_key(row)] = result.per_target
+        self.per_target[row_key(row)] = result.per_target
 
 
 @dataclass
@@ -544,41 +501,40 @@ def score_family(
     options: Sequence[Option],
     check: bool,
 ) -> None:
-    """Featurize (or reuse) the stores of (kind, projector, k), score every option for
-    every M, record the rows, and compare with TRAK.score at M = N when ``check``."""
+    """Featurize (or reuse) the store of (kind, projector, k), score every option for
+    every M with trak.score, record the rows, and compare Scores.combine with one
+    trak.score call at M = N when ``check``."""
     kind, data = run.kind, run.data
     num = grid.max_models(projector, k)
     ms = tuple(m for m in grid.num_models if m <= num)
     name = f"{kind.name}-{projector}-k{k}-n{num}"
-    stores = run.out / "stores"
+    store = run.out / "stores" / f"{name}-train"
     targets = (data.x_target, data.y_target)
-    train_trak, tt = featurize(
-        kind, projector, k, (data.x_train, data.y_train), run.states[:num], stores / f"{name}-train"
-    )
-    target_trak, tg = featurize(
-        kind, projector, k, targets, run.states[:num], stores / f"{name}-target"
-    )
-    ratio = (tt["build_s"] + tt["project_s"]) / tt["grad_s"]
+    tt = featurize(kind, projector, k, (data.x_train, data.y_train), run.states[:num], store)
+    stages = tt["stages_s"]
+    ratio = (stages["build"] + stages["project"]) / stages["grad"]
     if check:
         results.ratios.append(
             {
                 "model": kind.name,
                 "projector": projector,
                 "k": k,
-                "models": num,
-                "grad_s": round(tt["grad_s"], 3),
-                "build_s": round(tt["build_s"], 3),
-                "project_s": round(tt["project_s"], 3),
-                "featurize_s": round(tt["total_s"], 3),
+                "models": tt["profiled_models"],
+                "grad_s": round(stages["grad"], 3),
+                "build_s": round(stages["build"], 3),
+                "project_s": round(stages["project"], 3),
+                "q_s": round(stages["q"], 3),
+                "write_s": round(stages["write"], 3),
+                "profiled_featurize_s": round(tt["profiled_s"], 3),
+                "profiler_overhead": round(tt["profiler_overhead"], 3),
                 "proj_over_grad": round(ratio, 4),
-                "project_only_over_grad": round(tt["project_s"] / tt["grad_s"], 4),
+                "project_only_over_grad": round(stages["project"] / stages["grad"], 4),
             }
         )
     log(
-        f"{name}: featurized ({sum(tt['per_model']):.1f} + {sum(tg['per_model']):.1f} CPU s), "
-        f"projection/gradient {ratio:.3f}"
+        f"{name}: featurized ({sum(tt['per_model']):.1f} CPU s), projection/gradient "
+        f"{ratio:.3f} (profiled / unprofiled seconds {tt['profiler_overhead']:.2f})"
     )
-    last: dict[Option, tuple[np.ndarray, float]] = {}
 
     def on_scores(opt: Option, count: int, scores: np.ndarray, score_s: float) -> None:
         result = lds(scores, run.masks, run.outputs)
@@ -594,20 +550,35 @@ def score_family(
             score_s,
             ratio,
         )
-        if count == num:
-            last[opt] = (scores, score_s)
 
     start = time.perf_counter()
-    # Target features cost what TRAK.score spends on them: _features calls, not store writes.
-    sweep_store(train_trak, target_trak, tg["features_per_model"], options, ms, on_scores)
+    for opt in options:
+        checked = score_option(
+            kind, projector, k, store, run.states[:num], targets, opt, ms, on_scores,
+            check and checked_option(opt, k, grid),
+        )  # fmt: skip
+        if checked is not None:
+            results.checks.append(checked)
+            log(
+                f"check {name} {opt.name}: max |diff| {checked['max_abs_diff']:.2e} of "
+                f"{checked['max_abs_score']:.2e} -> {'OK' if checked['ok'] else 'MISMATCH'}"
+            )
+            if not checked["ok"]:
+                raise AssertionError(f"Scores.combine differs from trak.score: {checked}")
     log(
         f"{name}: {len(options)} options x {len(ms)} M scored in "
         f"{time.perf_counter() - start:.0f} s wall"
     )
-    if check:
-        results.checks += library_checks(
-            kind, projector, k, train_trak.store.location, run.states[:num], targets, last, grid
-        )
+
+
+def checked_option(opt: Option, k: int, grid: Grid) -> bool:
+    """Which options are checked at M = N: every one at the default ridge at the smallest
+    k, gauss_newton + 4 blocks at k = 1024."""
+    if opt.ridge != DEFAULT_RIDGE:
+        return False
+    if k == min(grid.proj_dims):
+        return True
+    return k == 1024 and (opt.kernel, opt.blocks) == ("gauss_newton", 4)
 
 
 def run(args: argparse.Namespace, grid: Grid) -> Results:
@@ -668,7 +639,7 @@ def per_target_name(quick: bool) -> str:
     return "per_target-quick.npz" if quick else "per_target.npz"
 
 
-def _key(row: dict[str, Any]) -> str:
+def row_key(row: dict[str, Any]) -> str:
     return (
         f"{row['model']}|{row['projector']}|{row['k']}|{row['options']}|{row['ridge']}|{row['M']}"
     )
@@ -690,67 +661,6 @@ def best_families(
         if k > FULL_RIDGE_MAX_K and len(grid.ridges) > 1:
             grouped.setdefault((projector, k), []).append((kern, b))
     return grouped
-
-
-def library_checks(
-    kind: Kind,
-    projector: str,
-    k: int,
-    store: str | None,
-    states: list[dict[str, Tensor]],
-    targets: tuple[Tensor, Tensor],
-    mine: dict[Option, tuple[np.ndarray, float]],
-    grid: Grid,
-) -> list[dict]:
-    """Compare the reconstructed scores at M = N with np.asarray(trak.score(...))."""
-    if k == min(grid.proj_dims):
-        chosen = [o for o in mine if o.ridge == DEFAULT_RIDGE]
-    elif k == 1024:
-        chosen = [
-            o for o in mine if (o.kernel, o.blocks, o.ridge) == ("gauss_newton", 4, DEFAULT_RIDGE)
-        ]
-    else:
-        chosen = []
-    results = []
-    for opt in chosen:
-        trak = make_trak(
-            kind,
-            projector,
-            k,
-            Path(store) if store else None,
-            ridge=opt.ridge,
-            kernel=opt.kernel,
-            kernel_blocks=opt.blocks,
-        )
-        start = cpu()
-        library = np.asarray(trak.score(targets, checkpoints=states))
-        seconds = cpu() - start
-        ours, our_seconds = mine[opt]
-        diff = float(np.abs(library - ours).max())
-        scale = float(np.abs(library).max())
-        ok = diff <= 1e-4 * scale
-        results.append(
-            {
-                "model": kind.name,
-                "projector": projector,
-                "k": k,
-                "options": opt.name,
-                "ridge": opt.ridge,
-                "models": len(states),
-                "max_abs_diff": diff,
-                "max_abs_score": scale,
-                "ok": ok,
-                "library_score_cpu_s": round(seconds, 3),
-                "reconstructed_score_cpu_s": round(our_seconds, 3),
-            }
-        )
-        log(
-            f"check {kind.name}-{projector}-k{k} {opt.name}: max |diff| {diff:.2e} of "
-            f"{scale:.2e} -> {'OK' if ok else 'MISMATCH'}"
-        )
-        if not ok:
-            raise AssertionError(f"reconstructed scores differ from TRAK.score: {results[-1]}")
-    return results
 
 
 # ---------------------------------------------------------------------- analysis
@@ -828,7 +738,7 @@ def tables(result: dict[str, Any], grid: Grid, per_target: dict[str, np.ndarray]
         if ref and at5:
             ref_best = max(ref, key=lambda r: r["lds"])
             best5 = max(at5, key=lambda r: r["lds"])
-            d, se = paired(per_target, _key(best5), _key(ref_best))
+            d, se = paired(per_target, row_key(best5), row_key(ref_best))
             lines += [
                 "",
                 f"Aim ({kind}): best at M=5 = {label(best5)} {best5['lds']:.3f} vs "
@@ -912,7 +822,7 @@ def tables(result: dict[str, Any], grid: Grid, per_target: dict[str, np.ndarray]
                         continue
                     other = f"{kind}|dense|{k}|{r['options']}|{r['ridge']}|{r['M']}"
                     if other in per_target:
-                        d, se = paired(per_target, _key(r), other)
+                        d, se = paired(per_target, row_key(r), other)
                         deltas.append((d, se, r["options"], r["M"]))
                 if not deltas:
                     continue
@@ -924,33 +834,38 @@ def tables(result: dict[str, Any], grid: Grid, per_target: dict[str, np.ndarray]
                 )
         lines.append("")
     lines += [
-        "### projection time / per-example gradient time (training featurization)",
+        "### projection time / per-example gradient time (profiled training featurization)",
         "",
         "| model | projector | k | models | gradient s | build s | project s | "
-        "(build+project)/gradient |",
-        "|---|---|---|---|---|---|---|---|",
+        "(build+project)/gradient | profiled / unprofiled s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["proj_over_grad"]:
         lines.append(
             f"| {r['model']} | {r['projector']} | {r['k']} | {r['models']} | "
             f"{r['grad_s']:.2f} | {r['build_s']:.2f} | {r['project_s']:.2f} | "
-            f"{r['proj_over_grad']:.3f} |"
+            f"{r['proj_over_grad']:.3f} | {cell(r.get('profiler_overhead'))} |"
         )
     lines += [
         "",
-        "### reconstruction vs TRAK.score (M = N)",
+        "### Scores.combine of per-model trak.score calls vs one trak.score call (M = N)",
         "",
         "| model | projector | k | options | max abs diff | max abs score | OK | "
-        "TRAK.score CPU s | summed per-model score CPU s |",
+        "one call CPU s (factors cached) | per-model calls CPU s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["checks"]:
         lines.append(
             f"| {c['model']} | {c['projector']} | {c['k']} | {c['options']} | "
             f"{c['max_abs_diff']:.2e} | {c['max_abs_score']:.2e} | {c['ok']} | "
-            f"{c['library_score_cpu_s']:.2f} | {c['reconstructed_score_cpu_s']:.2f} |"
+            f"{cell(c.get('one_call_score_cpu_s'))} | {cell(c.get('per_model_score_cpu_s'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def cell(value: float | None) -> str:
+    """A table cell of seconds or a ratio; "—" where an earlier run did not measure it."""
+    return "—" if value is None else f"{value:.2f}"
 
 
 def plot(result: dict[str, Any], grid: Grid, path: Path) -> None:
@@ -1083,6 +998,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{torch.__version__}, 1 torch thread",
                 "grid": asdict(grid),
                 "max_models": {f"{p}@{k}": n for (p, k), n in MAX_MODELS.items()},
+                "profiled_models": PROFILE_MODELS,
+                "scores": "trak.score per model, Scores.combine per M, fresh store copy per option",
                 "wall_s": round(time.perf_counter() - wall0, 1),
                 "cpu_s": round(cpu() - cpu0, 1),
                 "n_train": 1000,

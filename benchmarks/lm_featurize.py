@@ -33,10 +33,15 @@ Configurations, all at the same k (default 1024 = 16 layers x 8 x 8 for the fact
 Throughput (main process): every configuration is warmed up on 4 examples (a separate
 ``TRAK``), then timed ``--repeat`` times, interleaved, and the median kept. A timed run goes
 from constructing ``ft.TRAK`` to the last feature (in memory, ``store=None``), so it includes
-building the projection. ``tokens_per_s`` counts real (non-padding) tokens; the shares in
-``breakdown`` come from wrapping the engines' ``parts`` (per-example gradients),
-``FactoredProjector.features``, the projectors' ``project`` and ``DenseProjector._tile``
-(generating the dense matrix, part of ``project``) with timers.
+building the projection. ``tokens_per_s`` counts real (non-padding) tokens. The timed runs
+are not instrumented. ``breakdown`` comes from one more run per TRAK configuration under
+``torch.profiler`` (CPU activity; CUDA too on a GPU), summing the library's
+``record_function`` labels: ``fasttrak.gradients`` (per-example gradients),
+``fasttrak.project`` (the projection; for the factored projector, its layer-hook features),
+``fasttrak.featurizer`` (building the projection), ``fasttrak.out_to_loss`` (the no-grad
+forward for Q) and ``fasttrak.write`` (storing features); ``profiled_s`` over the median
+timed seconds (``profiler_overhead``) says what profiling added. ``--no-breakdown`` skips
+that run.
 ``--dense-rows N`` times (b) on the first N rows only (whole projection groups) and
 extrapolates its rate to all n; every row says whether it was extrapolated.
 
@@ -57,7 +62,7 @@ Usage::
 
     nice .venv/bin/python benchmarks/lm_featurize.py            # full run (~40 min on a
                                                                 # loaded 2-core CPU)
-    nice .venv/bin/python benchmarks/lm_featurize.py --quick    # smoke run, < 1 min: a
+    nice .venv/bin/python benchmarks/lm_featurize.py --quick    # smoke run, ~1 min: a
                                                                 # tiny model, numbers mean little
     python benchmarks/lm_featurize.py --device cuda             # on a GPU (untested)
 
@@ -72,7 +77,6 @@ on stderr. docs/benchmarks.md ("Language models") and docs/memory.md hold the re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -82,18 +86,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import default_collate
 
 import fasttrak as ft
-from fasttrak.gradients import HookGradients, VmapGradients
-from fasttrak.projection import DenseProjector, FactoredProjector, SJLTProjector, SRHTProjector
 
 try:
     import transformers
@@ -217,15 +218,21 @@ def make_trak(
 
 
 def group_rows(trak: ft.TRAK, batch_size: int) -> int:
-    """Rows per projection call: whole batches up to the projector's group_rows."""
-    rows = trak._projector(0).group_rows
+    """Rows per projection call: whole batches up to the projector's group_rows (the
+    factored projection, which has no gradient projector, projects every batch)."""
+    projector = getattr(trak.featurizer(0), "projector", None)
+    rows = 1 if projector is None else projector.group_rows
     return batch_size * max(1, math.ceil(rows / batch_size))
 
 
 def features(trak: ft.TRAK) -> np.ndarray:
-    ck = trak.store.checkpoint(0)
-    assert ck is not None
-    return np.asarray(ck.features(), dtype=np.float64)
+    return np.asarray(trak.store.model(0).features(), dtype=np.float64)
+
+
+def attributed(model: torch.nn.Module, trak: ft.TRAK) -> int:
+    """p: the number of parameters TRAK attributes (differentiates)."""
+    named = dict(model.named_parameters())
+    return sum(named[name].numel() for name in trak.params)
 
 
 def sync(device: str) -> None:
@@ -233,70 +240,64 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-# ----------------------------------------------------------------------------- timers
-class Timers:
-    """Accumulated seconds per label of wrapped methods (outermost call only per label)."""
+# ----------------------------------------------------------------------------- breakdown
+STAGES = {
+    "gradients": "fasttrak.gradients",
+    "project": "fasttrak.project",
+    "featurizer": "fasttrak.featurizer",
+    "out_to_loss": "fasttrak.out_to_loss",
+    "write": "fasttrak.write",
+}
+"""The library's record_function labels of featurize's stages."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._depth: dict[str, int] = defaultdict(int)
 
-    @contextlib.contextmanager
-    def installed(self, device: str) -> Iterator[None]:
-        targets = [
-            (VmapGradients, "parts", "grads"),
-            (HookGradients, "parts", "grads"),
-            (FactoredProjector, "features", "factored"),
-            (DenseProjector, "project", "project"),
-            (SRHTProjector, "project", "project"),
-            (SJLTProjector, "project", "project"),
-            (DenseProjector, "_tile", "matrix_gen"),
-        ]
-        saved = [(cls, attr, getattr(cls, attr)) for cls, attr, _ in targets]
-        for cls, attr, label in targets:
-            setattr(cls, attr, self._wrap(label, getattr(cls, attr), device))
-        try:
-            yield
-        finally:
-            for cls, attr, original in saved:
-                setattr(cls, attr, original)
-
-    def _wrap(self, label: str, fn: Callable[..., Any], device: str) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            self._depth[label] += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth[label] -= 1
-                if self._depth[label] == 0:
-                    sync(device)
-                    self.seconds[label] += time.perf_counter() - t0
-
-        return wrapped
+def profiled_run(
+    shape: Shape, cfg: Config, data: list, k: int, batch_size: int, device: str
+) -> dict[str, float]:
+    """One more (untimed) featurize under torch.profiler: seconds per stage label (host
+    time; on CUDA also device time) and the run's seconds under the profiler."""
+    model = make_model(shape, cfg.attn)
+    gc.collect()
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        sync(device)
+        t0 = time.perf_counter()
+        make_trak(model, cfg, k, batch_size, device).featurize(data)
+        sync(device)
+        total = time.perf_counter() - t0
+    events = {event.key: event for event in prof.key_averages()}
+    out: dict[str, float] = {}
+    for name, label in STAGES.items():
+        event = events.get(label)
+        out[f"{name}_s"] = round(event.cpu_time_total / 1e6, 3) if event else 0.0
+        if event is not None and device.startswith("cuda"):
+            device_us = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0))
+            out[f"{name}_device_s"] = round(device_us / 1e6, 3)
+    out["profiled_s"] = round(total, 3)
+    return out
 
 
 # ----------------------------------------------------------------------------- throughput
 def timed_run(
     shape: Shape, cfg: Config, data: list, k: int, batch_size: int, device: str
-) -> tuple[float, dict[str, float], ft.TRAK | None]:
+) -> tuple[float, ft.TRAK | None, int]:
+    """Seconds from constructing ft.TRAK to the last feature (or of the backprop baseline),
+    the TRAK, and p."""
     model = make_model(shape, cfg.attn)
     gc.collect()
-    timers = Timers()
     trak = None
-    with timers.installed(device):
-        sync(device)
-        t0 = time.perf_counter()
-        if cfg.name == "backprop":
-            backprop(model, data, batch_size, device)
-        else:
-            trak = make_trak(model, cfg, k, batch_size, device)
-            trak.featurize(data)
-        sync(device)
-        total = time.perf_counter() - t0
-    shares = {f"{key}_s": round(value, 3) for key, value in timers.seconds.items()}
-    shares["total_s"] = round(total, 3)
-    return total, shares, trak
+    sync(device)
+    t0 = time.perf_counter()
+    if cfg.name == "backprop":
+        backprop(model, data, batch_size, device)
+    else:
+        trak = make_trak(model, cfg, k, batch_size, device)
+        trak.featurize(data)
+    sync(device)
+    total = time.perf_counter() - t0
+    return total, trak, 0 if trak is None else attributed(model, trak)
 
 
 def warm(shape: Shape, cfg: Config, data: list, k: int, device: str) -> None:
@@ -333,9 +334,12 @@ def memory_child(args: argparse.Namespace) -> None:
             backprop(model, data, args.batch_size, args.device)
 
     else:
+        # group_rows from a throwaway TRAK (released before measuring): the measured one
+        # builds its projection inside featurize, so that it counts
+        probe = make_trak(model, cfg, args.k, args.batch_size, args.device)
+        rows = min(args.n, group_rows(probe, args.batch_size))
+        del probe
         trak = make_trak(model, cfg, args.k, args.batch_size, args.device)
-        rows = min(args.n, group_rows(trak, args.batch_size))
-        trak._projector_of = None  # built again inside featurize, so that it counts
 
         def run() -> None:
             trak.featurize(data)
@@ -458,7 +462,7 @@ def table(header: list[str], rows: list[list[Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model smoke run (< 1 min)")
+    parser.add_argument("--quick", action="store_true", help="tiny model smoke run (~1 min)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--n", type=int, default=None, help="sequences (128; quick 16)")
@@ -482,6 +486,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="batch sizes of the memory sweep of hooks_factored, vmap_dense and backprop "
         "(8 16 32 64; quick: none)",
+    )
+    parser.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the extra profiled run per configuration (the time breakdown)",
     )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -517,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     # Throughput: warm every configuration, then interleave the timed runs.
     for cfg in configs:
         warm(shape, cfg, data, args.k, args.device)
-    runs: dict[str, list[tuple[float, dict[str, float]]]] = {c.name: [] for c in configs}
+    runs: dict[str, list[float]] = {c.name: [] for c in configs}  # seconds of timed rows
     feats: dict[str, np.ndarray] = {}
     meta: dict[str, tuple[int, int, int]] = {}
     load_start = round(os.getloadavg()[0], 2)
@@ -526,18 +536,32 @@ def main(argv: list[str] | None = None) -> None:
             rows = args.n
             if cfg.name == "vmap_dense" and args.dense_rows:
                 rows = min(args.n, args.dense_rows)
-            seconds, shares, trak = timed_run(
+            seconds, trak, p = timed_run(
                 shape, cfg, data[:rows], args.k, args.batch_size, args.device
             )
-            runs[cfg.name].append((seconds * args.n / rows, shares))
+            runs[cfg.name].append(seconds)
             if trak is not None:
                 feats[cfg.name] = features(trak)
-                meta[cfg.name] = (trak.k, sum(trak.param_numels.values()), rows)
+                meta[cfg.name] = (trak.k, p, rows)
             else:
                 meta[cfg.name] = (None, p_conv1d, rows)
             del trak
             gc.collect()
     load_end = round(os.getloadavg()[0], 2)
+
+    # Where the time goes: one more run per TRAK configuration, under torch.profiler.
+    breakdown: dict[str, dict[str, float]] = {}
+    for cfg in configs:
+        if cfg.name == "backprop" or not args.breakdown:
+            continue
+        rows = meta[cfg.name][2]
+        breakdown[cfg.name] = shares = profiled_run(
+            shape, cfg, data[:rows], args.k, args.batch_size, args.device
+        )
+        shares["profiler_overhead"] = round(
+            shares["profiled_s"] / statistics.median(runs[cfg.name]), 3
+        )
+        gc.collect()
 
     # Peak memory, one fresh process per (configuration, batch size).
     memory: dict[tuple[str, int], dict[str, Any]] = {}
@@ -552,10 +576,9 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, dict[str, Any]] = {}
     for cfg in configs:
-        seconds = [s for s, _ in runs[cfg.name]]
-        med = statistics.median(seconds)
-        shares = min(runs[cfg.name], key=lambda r: abs(r[0] - med))[1]
         k, p, rows = meta[cfg.name]
+        seconds = [s * args.n / rows for s in runs[cfg.name]]  # extrapolated to all n rows
+        med = statistics.median(seconds)
         mem = memory.get((cfg.name, args.batch_size), {})
         results[cfg.name] = row = {
             "bench": "lm_featurize",
@@ -578,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
             "runs_s": [round(s, 2) for s in seconds],
             "timed_rows": rows,
             "extrapolated": rows < args.n,
-            "breakdown": shares,
+            "breakdown": breakdown.get(cfg.name),
             "peak_mib": mem.get("peak_mib"),
             "peak_rows": mem.get("rows"),
             "device": args.device,
