@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,14 +35,17 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest -q
 
-test-all: lint
+test-all: lint typecheck
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/featurize.py
 
 clean:
-	rm -rf $(VENV) fasttrak-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) fasttrak-demo .pytest_cache .ruff_cache .mypy_cache
