@@ -452,8 +452,8 @@ class TRAK:
     ) -> None:
         """Build (or load) the kernel factor of every model in the store (or of
         ``model_ids``) for ``estimator`` (default :attr:`estimator`)."""
-        ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
         chosen = self._estimator(estimator)
+        ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
         for m in ids:
             stored = self.store.model(m)
             kernel_factor(stored, complete_records(stored), chosen, self._factors)
@@ -510,8 +510,8 @@ class TRAK:
         (default :attr:`estimator`) says how the kernel is built: the stored features
         serve every estimator, and each one's factor is cached in the store.
         """
-        ids = self._stored_ids(_renamed_ids(model_ids, models, "score"))
         chosen = self._estimator(estimator)
+        ids = self._stored_ids(_renamed_ids(model_ids, models, "score"))
         stored = [self.store.model(m) for m in ids]
         records = [complete_records(s) for s in stored]
         if checkpoints is not None:

@@ -1,0 +1,147 @@
+"""The estimator as a value, public features, combined scores, and the old names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_data, make_mlp
+
+import fasttrak as ft
+
+
+def _trak(store=None, **options):
+    return ft.TRAK(
+        make_mlp(), proj_dim=16, projector="dense", progress=False, store=store, **options
+    )
+
+
+def _checkpoints(count: int = 3) -> list[dict[str, torch.Tensor]]:
+    return [make_mlp(seed=s).state_dict() for s in range(count)]
+
+
+@pytest.fixture
+def data():
+    return make_data(40), make_data(6, seed=1)
+
+
+ESTIMATORS = [
+    ft.Estimator(),
+    ft.Estimator(kernel="plain", ridge=0.0, kernel_blocks=1),
+    ft.Estimator(ridge=0.3, kernel_blocks=4, precision="float64"),
+]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_an_estimator_at_score_time_equals_the_same_options_in_the_constructor(
+    data, estimator, tmp_path
+):
+    """One store serves every estimator, bit for bit as a TRAK built with those options."""
+    train, targets = data
+    shared = _trak(tmp_path / "shared")
+    shared.featurize(train, checkpoints=_checkpoints())
+    shared.score(targets)  # caches the default estimator's factor first
+    got = np.asarray(shared.score(targets, estimator=estimator))
+    own = _trak(
+        kernel=estimator.kernel,
+        ridge=estimator.ridge,
+        kernel_blocks=estimator.kernel_blocks,
+        precision=estimator.precision,
+    )
+    own.featurize(train, checkpoints=_checkpoints())
+    np.testing.assert_array_equal(got, np.asarray(own.score(targets)))
+
+
+def test_each_estimator_caches_its_own_factor_and_a_read_only_store_keeps_them_in_memory(
+    data, tmp_path
+):
+    train, targets = data
+    trak = _trak(tmp_path / "s")
+    trak.featurize(train, checkpoints=_checkpoints(1))
+    for estimator in ESTIMATORS:
+        trak.finalize(estimator=estimator)
+    kernels = sorted(p.name.split("-")[0] for p in (tmp_path / "s/checkpoints/0/kernels").iterdir())
+    assert kernels.count("factor") == len(ESTIMATORS)
+    first = np.asarray(trak.score(targets, estimator=ESTIMATORS[1]))
+    again = np.asarray(trak.score(targets, estimator=ESTIMATORS[1]))  # from the cache
+    np.testing.assert_array_equal(first, again)
+
+
+def test_estimator_values_are_checked_with_the_fix():
+    with pytest.raises(ft.ConfigError, match="kernel must be one of"):
+        ft.Estimator(kernel="fisher")
+    with pytest.raises(ft.ConfigError, match="ridge must be a finite number"):
+        ft.Estimator(ridge=float("nan"))
+    with pytest.raises(ft.ConfigError, match="precision"):
+        ft.Estimator(precision="float16")
+    with pytest.raises(ft.ConfigTypeError, match="kernel_blocks"):
+        ft.Estimator(kernel_blocks=2.0)
+    with pytest.raises(ft.ConfigError, match="kernel_blocks"):
+        ft.Estimator(kernel_blocks=32).for_dim(16)  # more blocks than coordinates
+    assert ft.Estimator().for_dim(2048).kernel_blocks == 4
+    assert ft.Estimator().for_dim(512).kernel_blocks == 1
+    with pytest.raises(ft.ConfigTypeError, match="ft.Estimator"):
+        _trak().score(torch.zeros(1, 5), estimator={"ridge": 0.1})
+
+
+def test_features_of_a_dataset_equal_what_featurize_stores(data):
+    train, _ = data
+    trak = _trak()
+    checkpoints = _checkpoints(2)
+    trak.featurize(train, checkpoints=checkpoints)
+    for m, checkpoint in enumerate(checkpoints):
+        got = trak.features(train, checkpoint, model_id=m)  # the same batches: bit for bit
+        assert got.phi.shape == (40, trak.k) and got.q.shape == (40,)
+        np.testing.assert_array_equal(got.phi, trak.store.model(m).features())
+        np.testing.assert_array_equal(got.q, trak.store.model(m).q())
+        other_batches = trak.features(train, checkpoint, model_id=m, batch_size=7)
+        np.testing.assert_allclose(other_batches.phi, got.phi, rtol=1e-5, atol=1e-6)
+    other = trak.features(train, checkpoints[0], model_id=1)
+    assert not np.array_equal(other.phi, trak.store.model(0).features())  # another projection
+    with pytest.raises(ft.ConfigError, match="model_id"):
+        trak.features(train, checkpoints[0], model_id=-1)
+
+
+def test_combined_scores_equal_scoring_all_model_ids_at_once(data):
+    train, targets = data
+    trak = _trak()
+    checkpoints = _checkpoints(3)
+    trak.featurize(train, checkpoints=checkpoints)
+    parts = [trak.score(targets, model_ids=[m]) for m in range(3)]
+    combined = ft.Scores.combine(parts)
+    assert combined.model_ids == [0, 1, 2]
+    np.testing.assert_allclose(
+        np.asarray(combined), np.asarray(trak.score(targets)), rtol=1e-6, atol=1e-7
+    )
+    with pytest.raises(ft.ConfigError, match="distinct model ids"):
+        ft.Scores.combine([parts[0], parts[0]])
+    with pytest.raises(ft.ConfigError, match="same targets"):
+        ft.Scores.combine([parts[0], trak.score((targets[0][:2], targets[1][:2]), model_ids=[1])])
+    with pytest.raises(ft.ConfigTypeError):
+        ft.Scores.combine([])
+
+
+def test_old_names_still_work_and_say_the_new_one(data):
+    train, targets = data
+    trak = _trak()
+    trak.featurize(train, checkpoints=_checkpoints(2))
+    new = np.asarray(trak.score(targets, model_ids=[1]))
+    with pytest.warns(FutureWarning, match=r"model_ids="):
+        old = np.asarray(trak.score(targets, models=[1]))
+    np.testing.assert_array_equal(old, new)
+    with pytest.warns(FutureWarning, match=r"model_ids="):
+        trak.finalize(models=[0])
+    with pytest.raises(ft.ConfigError, match="model_ids= only"):
+        trak.score(targets, model_ids=[1], models=[1])
+    with pytest.warns(FutureWarning, match=r"Store.model_ids\(\)"):
+        assert trak.store.checkpoint_ids() == trak.store.model_ids() == [0, 1]
+    with pytest.warns(FutureWarning, match=r"Store.model\(model_id\)"):
+        assert trak.store.checkpoint(1).model_id == 1
+    with pytest.warns(FutureWarning, match="TRAK.params"):
+        assert trak.selected == trak.params
+    scores = trak.score(targets)
+    with pytest.warns(FutureWarning, match=r"Scores.chunks\(\)"):
+        assert [r for r, _ in scores.blocks()] == [r for r, _ in scores.chunks()]
+    from fasttrak.store import CheckpointStore, ModelStore
+
+    assert CheckpointStore is ModelStore
