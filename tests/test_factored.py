@@ -12,6 +12,7 @@ import torch
 from conftest import loop_gradients, make_cnn, make_data, make_mlp
 from torch import nn
 
+from fasttrak.gradients import is_covered, layer_spec
 from fasttrak.projection.factored import Factored, FactoredProjector
 from fasttrak.tasks.classification import ImageClassification
 
@@ -258,6 +259,46 @@ def test_errors():
     layout = config.layout(linear, ["weight", "bias"], 8)
     built = config.featurizer(linear, layout, 0, 0, torch.device("cpu"), GradientMethod())
     assert isinstance(built, Featurizer) and built.k == layout.k == 9  # 3 x 3
+
+
+def test_layers_without_a_factored_rule_are_outside_covered_layers():
+    """A grouped convolution and an embedding with scale_grad_by_freq / max_norm / sparse take
+    the hook engine's local rule: others="exclude" drops them, others="error" names them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Conv2d(4, 2, 3, padding="same"), nn.Flatten()
+    )
+    assert [is_covered(m) for m in model] == [False, True, False]
+    assert not is_covered(nn.Embedding(5, 2, max_norm=1.0)) and is_covered(nn.Embedding(5, 2))
+    selected = [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match=r"groups=1.*\['0\.weight', '0\.bias'\]"):
+        Factored().layers(model, selected)
+    assert Factored(others="exclude").layers(model, selected) == ["1"]
+    assert Factored(others="exclude").excluded(model, selected) == ["0.weight", "0.bias"]
+    with pytest.raises(ValueError, match="groups=1"):
+        layer_spec(model, "0", selected)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_same_padding_conv_features_equal_projected_hook_gradients(mode):
+    from fasttrak.checkpoints import load_state
+    from fasttrak.gradients import HookGradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, (2, 3), padding="same", padding_mode=mode),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 3),
+    ).eval()
+    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 3, (6,))
+    names = ["0.weight", "0.bias"]
+    projector = Factored(k_in=3, k_out=2).build_factored(model, names, 6, 0, 0, "cpu")
+    state = load_state(model, None)
+    feats = projector.features(model, TASK, state, (x, y))
+    grads = torch.cat(HookGradients(model, TASK, names).parts(state, (x, y)), dim=1)
+    expected = _expected(projector, model, grads, names)
+    torch.testing.assert_close(feats.double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_large_layer_memory_without_vmap():

@@ -119,3 +119,14 @@ def test_params_exclusions():
         select_parameters(model, ["!nope"])
     with pytest.raises(ValueError, match="leaves no parameter"):
         select_parameters(model, ["0.*", "!0.*"])
+
+
+def test_public_surface():
+    import fasttrak.gradients as gradients
+
+    for name in gradients.__all__:
+        assert getattr(gradients, name) is not None
+    assert {"FactoredFeatures", "LayerSpec", "layer_spec", "is_covered", "COVERED_TYPES"} <= set(
+        gradients.__all__
+    )
+    assert {"split_batch", "batchless_layers", "HookGradients", "ENGINES"} <= set(gradients.__all__)

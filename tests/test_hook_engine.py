@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import fasttrak as ft
 from fasttrak.checkpoints import load_state
 from fasttrak.gradients import HookGradients, VmapGradients, select_parameters
+from fasttrak.gradients.rules import rule_for
 from fasttrak.tasks import ImageClassification
 
 
@@ -534,6 +535,11 @@ def test_batch_encoding_batches_are_plain_dicts():
         dict(padding="same"),
         dict(padding=1, padding_mode="reflect"),
         dict(groups=2, padding=1),
+        dict(padding="same", padding_mode="reflect"),
+        dict(padding="same", padding_mode="circular"),
+        dict(padding="same", padding_mode="replicate", dilation=2),
+        dict(padding="valid", bias=False),
+        dict(padding=(1, 2), padding_mode="circular", stride=2),
     ],
 )
 def test_conv2d_variants_match_the_autograd_loop(conv):
@@ -546,6 +552,36 @@ def test_conv2d_variants_match_the_autograd_loop(conv):
     torch.testing.assert_close(
         grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular", "replicate"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv2d_same_padding_matches_the_vmap_engine(mode, groups):
+    """'same' padding with an even kernel (asymmetric padding) in every padding mode: the
+    conv2d rule pads explicitly and unfolds; a grouped convolution takes the local rule."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, (2, 3), padding="same", padding_mode=mode, groups=groups)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5 * 6, 3))
+    assert rule_for(conv).kind == ("conv2d" if groups == 1 else "local")
+    x, y = torch.randn(6, 2, 5, 6), torch.randint(0, 3, (6,))
+    names, grads = hook_parts(model, ImageClassification(), (x, y))
+    expected = vmap_parts(model, ImageClassification(), (x, y), names)
+    torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_special_embeddings_take_the_local_rule_and_match_the_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(5, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(16, 3)
+    )
+    assert rule_for(model[0]).kind == "local" and rule_for(nn.Embedding(3, 2)).kind == "embedding"
+    ids, y = torch.randint(0, 5, (6, 4)), torch.randint(0, 3, (6,))  # repeated ids
+    names, grads = hook_parts(model, ImageClassification(), (ids, y))
+    expected = loop_task(model, ImageClassification(), (ids, y), names)
+    torch.testing.assert_close(grads, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_factored_covers_position_embeddings_shared_by_the_batch():

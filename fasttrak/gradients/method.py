@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fasttrak.errors import ConfigError
-from fasttrak.gradients.hook_engine import HookGradients
+from fasttrak.gradients.exact import HookGradients
 from fasttrak.gradients.vmap import VmapGradients
 from fasttrak.tasks.base import Task
 

@@ -4,7 +4,7 @@ Instead of forming per-example gradients ``(B, p)`` and projecting them, each co
 (nn.Linear, nn.Conv2d, nn.Embedding) gets two small random matrices, ``P_in`` (d_in' × k_in)
 and ``P_out`` (d_out × k_out), and its feature block is the projection of the exact
 per-example weight(+bias) gradient by their Kronecker product, computed from the layer's
-input activations and output gradients (see :mod:`fasttrak.gradients.hooks`). The total
+input activations and output gradients (see :mod:`fasttrak.gradients.rules`). The total
 feature dimension is ``Σ_layers k_in · k_out``. See docs/factored.md.
 
 Both factors are Rademacher (±1/√k_in, ±1/√k_out), so ``E[(P_out ⊗ P_in)(P_out ⊗ P_in)ᵀ] = I``.
@@ -190,8 +190,8 @@ class Factored:
         covered, outside = self._split(model, selected)
         if outside and self.others == "error":
             raise ConfigError(
-                "the factored projection covers nn.Linear, nn.Conv2d, nn.Embedding and HF Conv1D "
-                "layers, "
+                "the factored projection covers nn.Linear, nn.Conv2d (groups=1), nn.Embedding "
+                "(without max_norm, scale_grad_by_freq or sparse) and HF Conv1D layers, "
                 f"but these selected parameters are outside them: {outside}; exclude them with "
                 "params= (e.g. params=[nn.Linear, nn.Conv2d]) or use "
                 "projector=Factored(others='exclude') to drop them from the attribution"

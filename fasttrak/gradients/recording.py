@@ -1,0 +1,258 @@
+"""The hook-recording step of the hook engines: one batched forward, one backward to layer outputs.
+
+Both the exact engine (:class:`~fasttrak.gradients.exact.HookGradients`) and the factored
+features (:class:`~fasttrak.gradients.factored.FactoredFeatures`) run the model once on the
+whole batch as ordinary PyTorch, with forward hooks on a set of layers. Each hook records the
+call (detached inputs and keyword arguments, the layer tensors the rule needs) and hands the
+rest of the model a clone of the output, so that a later in-place op (``ReLU(inplace=True)``)
+cannot change the tensor whose gradient is taken. One backward pass of ``Σ_i f_i`` to the
+recorded outputs (not to the parameters: no weight gradient is computed) then gives
+``g = ∂(Σ_i f_i)/∂out`` per call. When example i's output depends only on example i (see
+:func:`~fasttrak.gradients.check_examples_independent`), row i of ``g`` is ``∂f_i/∂out_i``,
+which the per-layer rules (:mod:`fasttrak.gradients.rules`) turn into per-example gradients.
+
+Layers without a per-example output:
+
+- a layer applied to a batch-less input whose output is broadcast over the batch (position
+  embeddings of position ids shaped (1, T): BERT, GPT-2, CLIP): its output is expanded to one
+  copy per example before the model uses it, which changes no value, so row i of its gradient
+  is example i's and the rules apply (their input is expanded the same way, see
+  :func:`per_example`);
+- a layer whose output has no batch dimension at all (T5's relative position bias,
+  (T, T, heads)): its calls are not recorded and the layer is reported in
+  :attr:`Recording.unbatched`, for the engine to handle (the exact engine differentiates its
+  parameters by a batched backward, the factored features refuse it). Shapes alone cannot
+  tell when T equals the batch size, so such layers are found once, by a no-grad forward of
+  one example (:func:`batchless_layers`).
+
+A layer called several times (weight sharing) records every call. Calls recorded while the
+backward pass runs (the replay of non-reentrant gradient checkpointing, which recomputes
+inside this backward) get no gradient, and neither does a call whose output does not reach f.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from fasttrak.errors import ConfigError, ConfigTypeError, UnsupportedModelError
+from fasttrak.tasks.base import Forward, Task
+
+
+@dataclass(frozen=True)
+class Hooked:
+    """A layer to record, and which of its tensors each call keeps: attribute names, or None
+    for every parameter and buffer of the module (recursively), as read at call time."""
+
+    module: nn.Module
+    keep: tuple[str, ...] | None = ()
+
+
+@dataclass
+class Call:
+    """One call of a hooked layer: its (detached) inputs, the tensors it used, and the
+    gradient ``(B, *out)`` of Σ f w.r.t. its output once the backward pass reaches it."""
+
+    layer: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    tensors: dict[str, Tensor]  # the kept layer tensors at call time, detached
+    output: Tensor | None = None  # as the layer returned it (the model continues on a copy)
+    grad: Tensor | None = None  # None when the output did not reach f
+
+    @property
+    def input(self) -> Tensor:
+        """The layer's input: its first positional argument, else its first keyword one."""
+        return self.args[0] if self.args else next(iter(self.kwargs.values()))
+
+
+@dataclass
+class Recording:
+    """What one recorded forward and backward gives.
+
+    ``f``: the task's output, ``(B,)``. ``calls``: per hooked layer, its calls in call order.
+    ``unbatched``: the layers with a call whose output has no batch dimension (not recorded),
+    and the shape of the first such output."""
+
+    f: Tensor
+    calls: dict[str, list[Call]]
+    unbatched: dict[str, tuple[int, ...]]
+
+
+class Recorder:
+    """Forward hooks on ``layers`` (name -> :class:`Hooked`), for one task.
+
+    :meth:`record` runs the task with hooks installed and backpropagates to the recorded
+    outputs; batch-less layers are looked for once, on the first batch of more than one
+    example (:meth:`probe`). While :attr:`replaying` is set (a rule re-running a layer), the
+    hooks record nothing.
+    """
+
+    def __init__(self, task: Task, layers: dict[str, Hooked]) -> None:
+        self.task = task
+        self.layers = layers
+        self.batchless: set[str] | None = None  # layers whose output has no batch dimension
+        self.replaying = False
+
+    def probe(self, forward: Forward, batch: Any, size: int) -> set[str]:
+        """The hooked layers whose output has no batch dimension (found on the first batch of
+        more than one example, then remembered; empty until then)."""
+        if size > 1 and self.batchless is None:
+            modules = {name: hooked.module for name, hooked in self.layers.items()}
+            self.batchless = batchless_layers(modules, self.task, forward, batch)
+        return set(self.batchless or ())
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Hooks record nothing inside this block (a rule re-running a hooked layer)."""
+        self.replaying = True
+        try:
+            yield
+        finally:
+            self.replaying = False
+
+    def record(
+        self,
+        forward: Forward,
+        batch: Any,
+        size: int,
+        before_backward: Callable[[Tensor, dict[str, tuple[int, ...]]], None] | None = None,
+    ) -> Recording:
+        """Run ``task.output(forward, batch)`` (``size`` examples) under ``enable_grad`` with
+        the hooks installed, then the backward of ``f.sum()`` to the recorded outputs.
+
+        ``before_backward(f, unbatched)`` runs between the two (the graph is still whole)."""
+        self.probe(forward, batch, size)
+        calls: dict[str, list[Call]] = {name: [] for name in self.layers}
+        unbatched: dict[str, tuple[int, ...]] = {}
+        handles = [
+            hooked.module.register_forward_hook(
+                self._hook(name, hooked, size, calls[name], unbatched), with_kwargs=True
+            )
+            for name, hooked in self.layers.items()
+        ]
+        try:
+            with torch.enable_grad():
+                f = self.task.output(forward, batch)
+                if not isinstance(f, Tensor) or f.shape != (size,):
+                    shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+                    raise ConfigError(f"task.output returned {shape}, expected shape ({size},)")
+                if before_backward is not None:
+                    before_backward(f, unbatched)
+                # Gradients w.r.t. the recorded outputs only. With non-reentrant checkpointing
+                # the recorded outputs are those of the first pass, which the graph keeps;
+                # the replay's calls (recorded during this backward) get no gradient.
+                done = [c for name in self.layers for c in calls[name] if c.output is not None]
+                outputs = [c.output for c in done if c.output is not None]
+                found = torch.autograd.grad(f.sum(), outputs, allow_unused=True) if done else ()
+                for call, grad in zip(done, found, strict=True):
+                    call.grad, call.output = grad, None
+        finally:
+            for handle in handles:
+                handle.remove()
+        return Recording(f, calls, unbatched)
+
+    def _hook(
+        self,
+        name: str,
+        hooked: Hooked,
+        size: int,
+        calls: list[Call],
+        unbatched: dict[str, tuple[int, ...]],
+    ) -> Callable[..., Tensor | None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
+            if self.replaying:
+                return None
+            if not isinstance(output, Tensor):
+                raise ConfigTypeError(
+                    f"layer {name!r} ({type(module).__name__}) returns "
+                    f"{type(output).__name__}, not a tensor; the hook engine handles parameters "
+                    "of layers that return one tensor: exclude its parameters with params= or "
+                    "use engine='vmap'"
+                )
+            if not output.requires_grad:
+                # Its parameters require grad, so the layer ran under no_grad: the first pass
+                # of reentrant checkpointing, which recomputes outside the engine.
+                raise UnsupportedModelError(
+                    f"layer {name!r} ran without autograd (torch.no_grad inside the "
+                    "model, or reentrant gradient checkpointing, use_reentrant=True); the hook "
+                    "engine needs non-reentrant checkpointing: torch.utils.checkpoint(..., "
+                    "use_reentrant=False), or for Hugging Face models "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False}); or use engine='vmap'"
+                )
+            if output.ndim > 0 and output.shape[0] == 1 and size > 1:
+                # A layer on a batch-less input (position ids of shape (1, T)) whose output is
+                # broadcast over the batch: hand the model one copy per example, so that row
+                # i of its gradient is example i's (exactly what broadcasting computes).
+                output = output.expand(size, *output.shape[1:])
+            elif output.ndim == 0 or output.shape[0] != size or name in (self.batchless or ()):
+                unbatched.setdefault(name, tuple(output.shape))  # the engine decides
+                return None
+            if hooked.keep is None:
+                tensors: dict[str, Tensor] = dict(module.named_parameters())
+                tensors.update(dict(module.named_buffers()))
+            else:
+                tensors = {attr: getattr(module, attr) for attr in hooked.keep}
+            calls.append(
+                Call(
+                    name,
+                    tree_map(_detach, args),
+                    tree_map(_detach, kwargs),
+                    {n: t.detach() for n, t in tensors.items()},
+                    output,
+                )
+            )
+            # The rest of the model gets a copy: a later in-place op (ReLU(inplace=True)) on
+            # it cannot change the tensor whose gradient is taken.
+            return output.clone()
+
+        return hook
+
+
+def per_example(t: Tensor, size: int) -> Tensor:
+    """A layer input shared by the batch (dimension 0 of 1) as one row per example."""
+    return t.expand(size, *t.shape[1:]) if t.shape[0] == 1 and size > 1 else t
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def batchless_layers(
+    modules: dict[str, nn.Module], task: Task, forward: Forward, batch: Any
+) -> set[str]:
+    """Names of ``modules`` whose output has no batch dimension (T5's (T, T, heads) relative
+    position bias), found by a no-grad forward of ONE example, where every batch-first
+    output has dimension 0 equal to 1. Shapes on the real batch cannot tell when such an
+    output's dimension 0 happens to equal the batch size."""
+    dims: dict[str, set[int]] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            shape = output.shape if isinstance(output, Tensor) and output.ndim else (-1,)
+            dims.setdefault(name, set()).add(int(shape[0]))
+
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            task.output(forward, split_batch(batch, task.batch_size(batch), slice(0, 1)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name for name, seen in dims.items() if seen != {1}}
+
+
+def split_batch(batch: Any, size: int, rows: slice) -> Any:
+    """The rows ``rows`` of a collated batch (every tensor whose dimension 0 is ``size``)."""
+    return tree_map(
+        lambda t: t[rows] if isinstance(t, Tensor) and t.ndim and t.shape[0] == size else t, batch
+    )
