@@ -295,7 +295,7 @@ def test_same_padding_conv_features_equal_projected_hook_gradients(mode):
     names = ["0.weight", "0.bias"]
     projector = Factored(k_in=3, k_out=2).build_factored(model, names, 6, 0, 0, "cpu")
     state = load_state(model, None)
-    feats = projector.features(model, TASK, state, (x, y))
+    feats = projector.batch_features(state, TASK, (x, y))
     grads = torch.cat(HookGradients(model, TASK, names).parts(state, (x, y)), dim=1)
     expected = _expected(projector, model, grads, names)
     torch.testing.assert_close(feats.double(), expected, rtol=1e-4, atol=1e-5)
