@@ -193,10 +193,10 @@ def test_scoring_a_subset_of_the_stored_models():
         progress=False,
     )
     trak.featurize((x, y), checkpoints=[m.state_dict() for m in models])
-    subset = np.asarray(trak.score((xt, yt), models=[0, 2]))
+    subset = np.asarray(trak.score((xt, yt), model_ids=[0, 2]))
     expected, _ = closed_form([models[0], models[2]], x, y, xt, yt, 1e-3)
     np.testing.assert_allclose(subset, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
-    by_checkpoints = trak.score((xt, yt), checkpoints=[models[0], models[2]], models=[0, 2])
+    by_checkpoints = trak.score((xt, yt), checkpoints=[models[0], models[2]], model_ids=[0, 2])
     np.testing.assert_allclose(np.asarray(by_checkpoints), subset)
     with pytest.raises(ValueError, match="distinct stored model ids"):
-        trak.score((xt, yt), models=[0, 5])
+        trak.score((xt, yt), model_ids=[0, 5])

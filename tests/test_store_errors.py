@@ -264,9 +264,9 @@ def test_bad_model_ids_and_save_paths(tmp_path):
     trak = ft.TRAK(make_mlp(), proj_dim=8, progress=False)
     trak.featurize((x, y))
     with pytest.raises(ft.ConfigTypeError, match="integer model ids"):
-        trak.score((x[:2], y[:2]), models=[0.5])
+        trak.score((x[:2], y[:2]), model_ids=[0.5])
     with pytest.raises(ft.ConfigError, match="distinct stored model ids"):
-        trak.score((x[:2], y[:2]), models=[3])
+        trak.score((x[:2], y[:2]), model_ids=[3])
     with pytest.raises(ft.ConfigError, match="directory path"):
         trak.score((x[:2], y[:2])).save("")
 
