@@ -6,7 +6,7 @@ trak.featurize(train_set, checkpoints=[ckpt0, ckpt1])
 scores = trak.score(target_set)      # ft.Scores, np.asarray(scores): (n_targets, n_train)
 """
 
-from fasttrak import evaluate, projection, tasks
+from fasttrak import evaluate, projection, runners, tasks
 from fasttrak.ensembles import DropoutMask, dropout_ensemble
 from fasttrak.errors import (
     CheckpointMismatchError,
@@ -23,6 +23,7 @@ from fasttrak.errors import (
     NotFeaturizedError,
     NumericalError,
     ReadOnlyStoreError,
+    RunnerError,
     ScoresExistError,
     StoreBusyError,
     StoreCorruptError,
@@ -34,7 +35,8 @@ from fasttrak.errors import (
 from fasttrak.estimator import Estimator
 from fasttrak.kernel import SaturationWarning
 from fasttrak.scoring import Scores, TopK, soft_threshold
-from fasttrak.store.api import load_scores, repair_store, verify_store
+from fasttrak.shards import Shard, shard
+from fasttrak.store.api import load_scores, repair_store, store_info, verify_store
 from fasttrak.trak import TRAK, Features
 
 __version__ = "0.1.0"
@@ -57,9 +59,11 @@ __all__ = [
     "NotFeaturizedError",
     "NumericalError",
     "ReadOnlyStoreError",
+    "RunnerError",
     "SaturationWarning",
     "Scores",
     "ScoresExistError",
+    "Shard",
     "StoreBusyError",
     "StoreCorruptError",
     "StoreError",
@@ -73,6 +77,9 @@ __all__ = [
     "load_scores",
     "projection",
     "repair_store",
+    "runners",
+    "shard",
+    "store_info",
     "soft_threshold",
     "tasks",
     "verify_store",

@@ -114,5 +114,27 @@ def repair(path: Path) -> None:
     click.echo(str(report))
 
 
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def info(path: Path) -> None:
+    """Show a store's settings and, per model id, which row chunks are featurized.
+
+    Exit status 0 when every model is complete, 1 when chunks are missing or damaged (or
+    nothing is featurized yet).
+    """
+    from fasttrak.errors import FastTrakError
+    from fasttrak.store.api import store_info
+
+    try:
+        settings, done = store_info(path)
+    except FastTrakError as error:
+        raise click.ClickException(str(error)) from error
+    for name, value in settings.items():
+        click.echo(f"{name:15} {value}")
+    click.echo(str(done))
+    if not done.complete:
+        click.get_current_context().exit(1)
+
+
 if __name__ == "__main__":
     main()

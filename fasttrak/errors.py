@@ -102,3 +102,8 @@ class ReadOnlyStoreError(StoreError):
 
 class ScoresExistError(FastTrakError, FileExistsError):
     """``Scores.save`` found finished scores of another run at the path."""
+
+
+class RunnerError(FastTrakError, RuntimeError):
+    """A distributed runner (Ray) gave up on a task (its worker died more often than the
+    retries allow, or the cluster failed); rerunning the call resumes the work."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +42,16 @@ from fasttrak.gradients import (
     check_examples_independent,
     select_parameters,
 )
+from fasttrak.influence import self_influence
 from fasttrak.projection import Featurizer, ProjectorConfig, resolve_projector
+from fasttrak.runners.base import Runner, as_dataset, check_runner
 from fasttrak.scoring import Scores
-from fasttrak.store import FEATURE_DTYPES, ModelStore, Store, complete_records
+from fasttrak.shards import RowChunks, select_chunks
+from fasttrak.store import FEATURE_DTYPES, ChunkRecord, ModelStore, Store
+from fasttrak.store.core import complete_models
 from fasttrak.store.files import held
+from fasttrak.store.info import Progress
+from fasttrak.store.info import progress as store_progress
 from fasttrak.store.verify import repair as repair_store
 from fasttrak.tasks import ImageClassification, Task
 from fasttrak.tasks.base import bind_task
@@ -119,6 +125,8 @@ class TRAK:
         vmap_chunk_size: int | None = 128,
         progress: bool = True,
     ) -> None:
+        self.options = {name: value for name, value in locals().items() if name != "self"}
+        """The constructor's arguments (a runner rebuilds this object from them on workers)."""
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(task, type):
@@ -142,7 +150,7 @@ class TRAK:
         self.seed = seed
         self.batch_size = batch_size
         estimator = Estimator(kernel, ridge, kernel_blocks, precision)
-        self.progress = progress
+        self.show_progress = progress
         self.projector_config = resolve_projector(projector)
         self.proj_dim = proj_dim
         self.layout = self.projector_config.layout(
@@ -195,6 +203,8 @@ class TRAK:
         model_ids: Sequence[int] | None = None,
         repair: bool = False,
         check_data: str = "auto",
+        rows: RowChunks = None,
+        runner: Runner | None = None,
     ) -> None:
         """Compute and store features Φ_m and Q_m of every training example for each checkpoint.
 
@@ -213,44 +223,81 @@ class TRAK:
             check_data: how the training rows are checked against those the store was
                 featurized with. ``"auto"`` (default): every chunk when this call computes
                 anything (chunks it computes are checked for free, the others by a pass
-                over the data without the model), else the first and last chunk;
-                ``"full"``: every chunk always; ``"sample"``: chunks it computes, plus the
-                first and last chunk. The first and last chunk are always checked before
-                anything is written. :meth:`check_data` checks every chunk on demand.
+                over the data without the model), else the first and last chunk; with
+                ``rows=`` (a job of an array) as ``"sample"``; ``"full"``: every chunk
+                always; ``"sample"``: chunks it computes, plus the first and last chunk.
+                The first and last chunk are always checked before anything is written.
+                :meth:`check_data` checks every chunk on demand.
+            rows: only these row chunks (of ``chunk_rows`` rows each): ``ft.shard(i, n)``
+                for job i of an array of n, or chunk indices (a slice, range or list).
+                Pass the whole training set: the chunks are cut from it.
+            runner: where the work runs: None (this process) or ``ft.runners.Ray(...)``,
+                which splits it into (model id, row chunks) tasks on a Ray cluster that
+                write into the same store (see docs/scale.md). Same bits either way.
         """
+        plan = self._plan(
+            train_set, checkpoints, batch_size, overwrite, model_ids, repair, check_data, rows
+        )
+        if runner is not None:
+            check_runner(runner).featurize(self, plan)
+        else:
+            for m, ckpt in zip(plan.ids, plan.checkpoints, strict=True):
+                if plan.pending[m] == []:  # complete from these weights (also read-only stores)
+                    continue
+                with self.store.writing(m, ckpt.fingerprint, overwrite) as stored:
+                    todo = plan.todo(m, stored.pending_chunks)
+                    if todo:
+                        self._featurize_model(plan.data, stored, ckpt, todo)
+        self._checkpoints.update(zip(plan.ids, plan.checkpoints, strict=True))
+
+    def _plan(
+        self,
+        train_set: Any,
+        checkpoints: Sequence[Checkpoint | DropoutMask] | None,
+        batch_size: int | None,
+        overwrite: bool,
+        model_ids: Sequence[int] | None,
+        repair: bool,
+        check_data: str,
+        rows: RowChunks,
+    ) -> FeaturizePlan:
+        """Check everything and record n; the chunks each model has left to compute."""
         if check_data not in CHECK_DATA:
             raise ConfigError(f"check_data must be one of {CHECK_DATA}, got {check_data!r}")
-        rows = as_rows(train_set, batch_size or self.batch_size)
-        n = len(rows)
+        data = as_rows(as_dataset(train_set), batch_size or self.batch_size)
+        n = len(data)
         if n == 0:
             raise DataError("the training set is empty; pass a dataset with at least one example")
         loaded = self._load_checkpoints(checkpoints)
         ids = _model_ids(model_ids, len(loaded))
-        self._check_first_batch(rows, loaded[0].state, ids[0])
+        self._check_first_batch(data, loaded[0].state, ids[0])
         if repair:  # first, so that a damaged record of n or of a model is restored too
             report = repair_store(self.store, models=ids)
             if report.problems:
-                warnings.warn(f"repaired before featurizing:\n{report}", stacklevel=2)
+                warnings.warn(f"repaired before featurizing:\n{report}", stacklevel=3)
         self.store.set_num_train(n)  # records n, or raises StoreMismatchError for another n
+        chunks = select_chunks(rows, self.store.num_chunks)
         # Chunks left to compute per model: None for a model that is new (or replaced with
         # overwrite=True) and so has all of them. Workers claim each chunk and skip those
         # another process finished meanwhile, so the lists may go stale safely.
-        pending = {m: self._pending(m, ckpt) for m, ckpt in zip(ids, loaded, strict=True)}
-        self._check_done_rows(rows, pending, check_data)
-        for m, ckpt in zip(ids, loaded, strict=True):
-            if pending[m] == []:  # stored complete from these weights (also read-only stores)
-                continue
-            with self.store.writing(m, ckpt.fingerprint, overwrite) as stored:
-                todo = pending[m] if pending[m] is not None else stored.pending_chunks()
-                if todo:
-                    self._featurize_model(rows, stored, ckpt, todo)
-        self._checkpoints.update(zip(ids, loaded, strict=True))
+        pending = {m: self._pending(m, ckpt, chunks) for m, ckpt in zip(ids, loaded, strict=True)}
+        if rows is not None and check_data == "auto":
+            check_data = "sample"  # one job of an array: not a pass over the others' rows
+        self._check_done_rows(data, pending, chunks, check_data)
+        return FeaturizePlan(train_set, data, ids, loaded, pending, chunks, overwrite)
 
-    def _pending(self, m: int, ckpt: _Checkpoint) -> list[int] | None:
-        """Model m's unfinished chunks if it is stored from these weights, else None."""
+    def _pending(self, m: int, ckpt: _Checkpoint, chunks: list[int]) -> list[int] | None:
+        """Model m's unfinished chunks among ``chunks`` if it is stored from these weights,
+        else None."""
         if self.store.stored_fingerprint(m) != ckpt.fingerprint:
             return None
-        return self.store.model(m).pending_chunks()
+        selected = set(chunks)
+        return [c for c in self.store.model(m).pending_chunks() if c in selected]
+
+    def progress(self) -> Progress:
+        """Per model id in the store, how many row chunks are featurized and which are
+        missing (from any process; ``fasttrak info STORE`` prints the same)."""
+        return store_progress(self.store)
 
     def check_data(self, train_set: Any, batch_size: int | None = None) -> int:
         """Check every chunk of ``train_set`` against the rows the store was featurized with,
@@ -300,7 +347,7 @@ class TRAK:
             total=size,
             desc=f"featurize model {m}",
             unit="ex",
-            disable=not self.progress,
+            disable=not self.show_progress,
             leave=False,
         )
         with bar, self._eval_mode(), fixed_dropout(self.model, ckpt.mask, self.seed):
@@ -337,7 +384,11 @@ class TRAK:
             stored.write_chunk(c, phi.cpu().numpy(), q.cpu().numpy(), chunk_fingerprint(hashes))
 
     def _check_done_rows(
-        self, rows: Rows, pending: dict[int, list[int] | None], check_data: str
+        self,
+        data: Rows,
+        pending: dict[int, list[int] | None],
+        chunks: list[int],
+        check_data: str,
     ) -> None:
         """Check the training rows of chunks this call will not compute against the store's
         record of them (DataMismatchError naming the first chunk that differs)."""
@@ -345,8 +396,8 @@ class TRAK:
         if not recorded:
             return
         computed: set[int] = set()
-        for chunks in pending.values():
-            computed.update(range(self.store.num_chunks) if chunks is None else chunks)
+        for todo in pending.values():
+            computed.update(chunks if todo is None else todo)
         others = [c for c in recorded if c not in computed]
         if check_data == "sample" or (check_data == "auto" and not computed):
             others = [c for c in others if c in (recorded[0], recorded[-1])]
@@ -354,7 +405,7 @@ class TRAK:
         # are recomputed (where the check is otherwise made as each chunk is written): data
         # that differ throughout are refused before a new model is created.
         others = sorted({*others, recorded[0], recorded[-1]})
-        self._check_rows(rows, others)
+        self._check_rows(data, others)
 
     def features(
         self,
@@ -449,14 +500,36 @@ class TRAK:
         estimator: Estimator | None = None,
         *,
         models: Sequence[int] | None = None,
+        runner: Runner | None = None,
     ) -> None:
         """Build (or load) the kernel factor of every model in the store (or of
-        ``model_ids``) for ``estimator`` (default :attr:`estimator`)."""
+        ``model_ids``) for ``estimator`` (default :attr:`estimator`), each in one pass over
+        its stored features; with ``runner=ft.runners.Ray(...)`` one task per model."""
         chosen = self._estimator(estimator)
         ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
-        for m in ids:
-            stored = self.store.model(m)
-            kernel_factor(stored, complete_records(stored), chosen, self._factors)
+        if runner is not None:
+            check_runner(runner).finalize(self, ids, chosen)
+            return
+        stored = [self.store.model(m) for m in ids]
+        for model, records in zip(stored, complete_models(stored), strict=True):
+            kernel_factor(model, records, chosen, self._factors)
+
+    def self_influence(
+        self, model_ids: Sequence[int] | None = None, estimator: Estimator | None = None
+    ) -> np.ndarray:
+        """(n_train,) float32: each training example's score on itself, the diagonal of
+        the train-by-train scores, mean_m(Q_m,i) · mean_m(φ_m,iᵀ K_m⁻¹ φ_m,i), streamed over
+        row chunks in O(chunk_rows · k) memory (never an n × n matrix). High values flag
+        examples the models found hard or atypical: candidates for mislabeled data."""
+        chosen = self._estimator(estimator)
+        ids = self._stored_ids(model_ids)
+        stored = [self.store.model(m) for m in ids]
+        records = complete_models(stored)
+        factors = [
+            kernel_factor(model, done, chosen, self._factors)
+            for model, done in zip(stored, records, strict=True)
+        ]
+        return self_influence(list(zip(stored, records, strict=True)), factors, chosen)
 
     def _estimator(self, estimator: Estimator | None) -> Estimator:
         if estimator is None:
@@ -500,20 +573,38 @@ class TRAK:
         estimator: Estimator | None = None,
         *,
         models: Sequence[int] | None = None,
+        runner: Runner | None = None,
     ) -> Scores:
         """Scores of every training example for each target: ``(n_targets, n_train)``.
 
         Uses every model in the store (or the ids in ``model_ids``, e.g. ``range(5)`` of
         20, to see how LDS grows with the number of models), each of which must be fully
-        featurized. Their checkpoints are those of the last :meth:`featurize` call, or
-        ``checkpoints``: one per model id, in the order of the ids. ``estimator``
-        (default :attr:`estimator`) says how the kernel is built: the stored features
-        serve every estimator, and each one's factor is cached in the store.
+        featurized (the error names every missing chunk). Their checkpoints are those of
+        the last :meth:`featurize` call, or ``checkpoints``: one per model id, in the order
+        of the ids. ``estimator`` (default :attr:`estimator`) says how the kernel is built:
+        the stored features serve every estimator, and each one's factor is cached in the
+        store. ``runner``: where each model's part (its factor and the targets' features)
+        is computed: None (this process) or ``ft.runners.Ray(...)``.
         """
+        plan = self._score_plan(targets, checkpoints, batch_size, model_ids, estimator, models)
+        if runner is not None:
+            return check_runner(runner).score(self, plan)
+        solved = [self._solve(plan, i) for i in range(len(plan.ids))]
+        return Scores(list(zip(plan.stored, plan.records, strict=True)), solved)
+
+    def _score_plan(
+        self,
+        targets: Any,
+        checkpoints: Sequence[Checkpoint | DropoutMask] | None,
+        batch_size: int | None,
+        model_ids: Sequence[int] | None,
+        estimator: Estimator | None,
+        models: Sequence[int] | None,
+    ) -> ScorePlan:
         chosen = self._estimator(estimator)
         ids = self._stored_ids(_renamed_ids(model_ids, models, "score"))
         stored = [self.store.model(m) for m in ids]
-        records = [complete_records(s) for s in stored]
+        records = complete_models(stored)
         if checkpoints is not None:
             loaded = self._load_checkpoints(checkpoints)
             if len(loaded) != len(ids):
@@ -535,22 +626,24 @@ class TRAK:
                     "features are stored; pass the same checkpoints, in the same order, as to "
                     "featurize"
                 )
-        target_rows = as_rows(targets, batch_size or self.batch_size)
+        target_rows = as_rows(as_dataset(targets), batch_size or self.batch_size)
         if len(target_rows) == 0:
             raise DataError("the target set is empty; pass at least one target example")
         self._check_first_batch(target_rows, loaded[0].state, ids[0])
-        solved = []
+        return ScorePlan(targets, target_rows, ids, stored, records, loaded, chosen)
+
+    def _solve(self, plan: ScorePlan, i: int) -> Tensor:
+        """K⁻¹ φ(targets) of the plan's i-th model, averaged over kernel blocks: (k, T)."""
+        model, ckpt = plan.stored[i], plan.checkpoints[i]
         with self._eval_mode():
-            for model, done, ckpt in zip(stored, records, loaded, strict=True):
-                with fixed_dropout(self.model, ckpt.mask, self.seed):
-                    state = self._to_device(ckpt.state)
-                    everything, task = slice(0, len(target_rows)), self._bind(state)
-                    phi, _, _ = self._features(
-                        target_rows, everything, state, model.model_id, task, hashes=False
-                    )
-                factor = kernel_factor(model, done, chosen, self._factors)
-                solved.append(solve_targets(factor, phi, chosen))
-        return Scores(list(zip(stored, records, strict=True)), solved)
+            with fixed_dropout(self.model, ckpt.mask, self.seed):
+                state = self._to_device(ckpt.state)
+                everything, task = slice(0, len(plan.target_rows)), self._bind(state)
+                phi, _, _ = self._features(
+                    plan.target_rows, everything, state, model.model_id, task, hashes=False
+                )
+            factor = kernel_factor(model, plan.records[i], plan.estimator, self._factors)
+            return solve_targets(factor, phi, plan.estimator)
 
     # ------------------------------------------------------------------ helpers
     def _load_checkpoints(
@@ -643,6 +736,42 @@ class _Checkpoint:
     state: dict[str, Tensor]
     mask: int | None
     fingerprint: str
+
+
+@dataclass
+class FeaturizePlan:
+    """What one featurize call computes: per model id, its checkpoint and the row chunks
+    left (None: all of ``chunks``, for a model that is new or replaced)."""
+
+    train_set: Any  # as the caller gave it (a runner ships it, or its factory, to workers)
+    data: Rows
+    ids: list[int]
+    checkpoints: list[_Checkpoint]
+    pending: dict[int, list[int] | None]
+    chunks: list[int]  # the row chunks this call covers (rows=)
+    overwrite: bool
+
+    def todo(self, m: int, pending_chunks: Callable[[], list[int]]) -> list[int]:
+        """Model m's chunks to compute, reading its pending chunks when it is new."""
+        known = self.pending[m]
+        if known is not None:
+            return known
+        selected = set(self.chunks)
+        return [c for c in pending_chunks() if c in selected]
+
+
+@dataclass
+class ScorePlan:
+    """What one score call computes: per model id, its stored features (complete), its
+    checkpoint, and the targets."""
+
+    targets: Any  # as the caller gave it
+    target_rows: Rows
+    ids: list[int]
+    stored: list[ModelStore]
+    records: list[dict[int, ChunkRecord]]
+    checkpoints: list[_Checkpoint]
+    estimator: Estimator
 
 
 CHECK_DATA = ("auto", "full", "sample")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fasttrak.errors import StoreCorruptError, StoreError
 from fasttrak.store.core import RUN, Store
+from fasttrak.store.info import Progress, describe, progress
 from fasttrak.store.saved import load_scores
 from fasttrak.store.verify import Problem, Report, repair, verify
 
@@ -38,6 +40,13 @@ def repair_store(path: str | Path) -> Report:
     return repair(Store.open_existing(path))
 
 
+def store_info(path: str | Path) -> tuple[dict[str, Any], Progress]:
+    """The settings of the store at ``path`` and, per model id, its featurized row chunks
+    (``fasttrak info STORE``). Reads records only."""
+    store = Store.open_existing(path)
+    return describe(store), progress(store)
+
+
 def _is_saved_scores(path: Path) -> bool:
     """A directory that looks like a saved scores array (and is not a store)."""
     if (path / RUN).exists() or (path / "records").exists():
@@ -45,4 +54,4 @@ def _is_saved_scores(path: Path) -> bool:
     return (path / "zarr.json").exists() or (path / "c").is_dir()
 
 
-__all__ = ["Report", "load_scores", "repair_store", "verify_store"]
+__all__ = ["Report", "load_scores", "repair_store", "store_info", "verify_store"]

@@ -50,6 +50,7 @@ from fasttrak.errors import (
     StoreError,
     StoreMismatchError,
 )
+from fasttrak.shards import ranges
 from fasttrak.store.arrays import (
     chunk_key,
     layout_problem,
@@ -249,6 +250,10 @@ class Store:
     @property
     def meta(self) -> dict[str, Any]:
         return dict(self._run["meta"])
+
+    @property
+    def format_version(self) -> int:
+        return int(self._run.get("format_version", 0))
 
     @property
     def store_id(self) -> str:
@@ -836,3 +841,22 @@ def complete_records(ck: ModelStore) -> dict[int, ChunkRecord]:
             "checkpoints to finish them"
         )
     return records
+
+
+def complete_models(models: list[ModelStore]) -> list[dict[int, ChunkRecord]]:
+    """The done marks of each model, all of whose chunks must be done; otherwise one
+    NotFeaturizedError naming every model's missing row chunks (and how to finish them)."""
+    out, missing = [], []
+    for model in models:
+        records = model.records()
+        left = [c for c in range(model.num_chunks) if c not in records]
+        if left:
+            missing.append(f"model {model.model_id}: chunks {ranges(left)} of {model.num_chunks}")
+        out.append(records)
+    if missing:
+        raise NotFeaturizedError(
+            "training features are unfinished (" + "; ".join(missing) + "); finish them with "
+            "trak.featurize(train_set, checkpoints=[...], model_ids=[...]) (rows= to run only "
+            "those chunks), from any process, then score again"
+        )
+    return out

@@ -1,0 +1,259 @@
+"""The Ray runner: featurize and score as tasks on a Ray cluster, writing into one store.
+
+A featurize call becomes (model id, row chunks) tasks: each worker rebuilds the ``TRAK``
+object from its constructor's arguments and runs ``featurize`` on its chunks with the same
+checkpoint, which claims them through the store (docs/store.md), so a retried or duplicated
+task never writes a chunk twice and the store holds the same bits as an in-process run. A
+score call becomes one task per model id: its kernel factor (cached in the store) and the
+targets' features, solved; the driver averages them as ``Scores``. Ray retries a task
+whose worker dies; a task that raises (bad input) stops the run with its own error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from fasttrak.ensembles import DropoutMask
+from fasttrak.errors import ConfigError, FastTrakError, MissingDependencyError, RunnerError
+from fasttrak.validation import positive_int
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from fasttrak.estimator import Estimator
+    from fasttrak.scoring import Scores
+    from fasttrak.trak import TRAK, FeaturizePlan, ScorePlan, _Checkpoint
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as error:
+        raise MissingDependencyError(
+            "ft.runners.Ray needs Ray: pip install 'fasttrak[ray]' (or pip install ray)"
+        ) from error
+    return ray
+
+
+@dataclass(frozen=True)
+class Ray:
+    """Run featurize and score on Ray.
+
+    address: the cluster to join (``"auto"``, ``"ray://host:10001"``); None starts (or
+        reuses) a local Ray on this machine.
+    num_cpus, num_gpus: resources of each task (a GPU per task: ``num_gpus=1``; the model
+        then runs on the device the ``TRAK`` object was built with, e.g. ``"cuda"``).
+    max_retries: how often Ray reruns a task whose worker died.
+    chunks_per_task: row chunks per featurize task (more: less overhead per task).
+    init: further keywords of ``ray.init`` (e.g. ``num_cpus=2`` for a local Ray,
+        ``runtime_env``).
+    The store must be a path every worker can reach (local disk for a local Ray, shared
+    storage such as NFS for a cluster).
+    """
+
+    address: str | None = None
+    num_cpus: float = 1
+    num_gpus: float = 0
+    max_retries: int = 3
+    chunks_per_task: int = 1
+    init: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive_int("chunks_per_task", self.chunks_per_task)
+        if self.max_retries < 0 or self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("max_retries, num_cpus and num_gpus must be >= 0")
+
+    # ------------------------------------------------------------------ featurize
+    def featurize(self, trak: TRAK, plan: FeaturizePlan) -> None:
+        ray = self._start(trak)
+        store = trak.store
+        tasks: list[tuple[int, list[int]]] = []
+        for m, ckpt in zip(plan.ids, plan.checkpoints, strict=True):
+            if plan.pending[m] == []:
+                continue
+            # Create (or, with overwrite=True, replace) the model here, once: workers then
+            # only resume features of these weights.
+            with store.writing(m, ckpt.fingerprint, plan.overwrite) as stored:
+                todo = plan.todo(m, stored.pending_chunks)
+            step = self.chunks_per_task
+            tasks.extend((m, todo[i : i + step]) for i in range(0, len(todo), step))
+        if not tasks:
+            return
+        options = ray.put(_worker_options(trak))
+        data = ray.put(plan.train_set)
+        checkpoints = {
+            m: ray.put(_portable(ckpt)) for m, ckpt in zip(plan.ids, plan.checkpoints, strict=True)
+        }
+        remote = ray.remote(_featurize_task).options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
+        )
+        batch_size = plan.data.batch_size
+        refs = {}
+        for m, chunks in tasks:
+            ref = remote.remote(options, data, checkpoints[m], m, chunks, batch_size)
+            refs[ref] = sum(_rows(store, c) for c in chunks)
+        bar = tqdm(
+            total=sum(refs.values()),
+            desc=f"featurize ({len(tasks)} Ray tasks)",
+            unit="ex",
+            disable=not trak.show_progress,
+        )
+        with bar:
+            self._gather(ray, refs, bar.update)
+
+    # ------------------------------------------------------------------ score
+    def score(self, trak: TRAK, plan: ScorePlan) -> Scores:
+        from fasttrak.scoring import Scores
+
+        ray = self._start(trak)
+        options = ray.put(_worker_options(trak))
+        targets = ray.put(plan.targets)
+        remote = ray.remote(_solve_task).options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
+        )
+        refs = {
+            remote.remote(
+                options,
+                targets,
+                _portable(ckpt),
+                m,
+                plan.estimator,
+                plan.target_rows.batch_size,
+            ): i
+            for i, (m, ckpt) in enumerate(zip(plan.ids, plan.checkpoints, strict=True))
+        }
+        solved: dict[int, Tensor] = {}
+        bar = tqdm(
+            total=len(refs), desc="score (Ray tasks)", unit="model", disable=not trak.show_progress
+        )
+        with bar:
+            self._gather(ray, refs, lambda i: bar.update(1), results=solved)
+        return Scores(
+            list(zip(plan.stored, plan.records, strict=True)),
+            [solved[i] for i in range(len(plan.ids))],
+        )
+
+    # ------------------------------------------------------------------ finalize
+    def finalize(self, trak: TRAK, model_ids: list[int], estimator: Estimator) -> None:
+        ray = self._start(trak)
+        options = ray.put(_worker_options(trak))
+        remote = ray.remote(_finalize_task).options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
+        )
+        refs = {remote.remote(options, m, estimator): m for m in model_ids}
+        bar = tqdm(
+            total=len(refs),
+            desc="finalize (Ray tasks)",
+            unit="model",
+            disable=not trak.show_progress,
+        )
+        with bar:
+            self._gather(ray, refs, lambda m: bar.update(1))
+
+    # ------------------------------------------------------------------ helpers
+    def _start(self, trak: TRAK) -> Any:
+        if trak.store.location is None:
+            raise ConfigError(
+                "ft.runners.Ray writes into the store from its workers: build the TRAK object "
+                "with store= a directory every worker can reach (not store=None)"
+            )
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address, **{"log_to_driver": False, **self.init})
+        return ray
+
+    @staticmethod
+    def _gather(
+        ray: Any, refs: dict[Any, Any], done: Any, results: dict[Any, Any] | None = None
+    ) -> None:
+        """Wait for every task; on the first failure cancel the rest and raise its cause
+        (the task's own error), or RunnerError when Ray itself gave up."""
+        pending = dict(refs)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                key = pending.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except Exception as error:
+                    for other in pending:
+                        ray.cancel(other, force=True)
+                    cause = getattr(error, "cause", None)
+                    if isinstance(cause, Exception):
+                        # Re-raise the error the task raised, as it raised it (a DataError of
+                        # the user's rows, say), not Ray's wrapper around its traceback.
+                        error = cause
+                        raise error from None
+                    if isinstance(error, FastTrakError):
+                        raise
+                    raise RunnerError(
+                        f"a Ray task failed and was not retried further: {error}. Rerun the "
+                        "same call: finished chunks are kept and only the rest is computed"
+                    ) from error
+                if results is not None:
+                    results[key] = value
+                done(key)
+
+
+def _rows(store: Any, c: int) -> int:
+    rows = store.chunk_slice(c)
+    return rows.stop - rows.start
+
+
+def _portable(ckpt: _Checkpoint) -> Any:
+    """A checkpoint a worker loads to the same weights (and dropout member)."""
+    return ckpt.state if ckpt.mask is None else DropoutMask(ckpt.state, ckpt.mask)
+
+
+def _worker_options(trak: TRAK) -> dict[str, Any]:
+    return {**trak.options, "progress": False}
+
+
+def _featurize_task(
+    options: dict[str, Any],
+    data: Any,
+    checkpoint: Any,
+    model_id: int,
+    chunks: list[int],
+    batch_size: int,
+) -> int:
+    """One Ray task: featurize ``chunks`` of one model into the shared store."""
+    from fasttrak.trak import TRAK
+
+    trak = TRAK(**options)
+    trak.featurize(
+        data,
+        checkpoints=[checkpoint],
+        model_ids=[model_id],
+        rows=chunks,
+        batch_size=batch_size,
+        check_data="sample",
+    )
+    return len(chunks)
+
+
+def _finalize_task(options: dict[str, Any], model_id: int, estimator: Any) -> int:
+    """One Ray task: build (or find) one model's kernel factor in the store."""
+    from fasttrak.trak import TRAK
+
+    TRAK(**options).finalize(model_ids=[model_id], estimator=estimator)
+    return model_id
+
+
+def _solve_task(
+    options: dict[str, Any],
+    targets: Any,
+    checkpoint: Any,
+    model_id: int,
+    estimator: Any,
+    batch_size: int,
+) -> Tensor:
+    """One Ray task: one model's factor (built or read from the store) and solved targets."""
+    from fasttrak.trak import TRAK
+
+    trak = TRAK(**options)
+    plan = trak._score_plan(targets, [checkpoint], batch_size, [model_id], estimator, None)
+    return trak._solve(plan, 0)
