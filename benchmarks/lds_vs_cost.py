@@ -111,7 +111,6 @@ STAGES = {
     "grad": "fasttrak.gradients",
     "build": "fasttrak.featurizer",
     "project": "fasttrak.project",
-    "q": "fasttrak.out_to_loss",
     "write": "fasttrak.write",
 }
 """The library's record_function labels of featurize's stages."""
@@ -523,7 +522,6 @@ def score_family(
                 "grad_s": round(stages["grad"], 3),
                 "build_s": round(stages["build"], 3),
                 "project_s": round(stages["project"], 3),
-                "q_s": round(stages["q"], 3),
                 "write_s": round(stages["write"], 3),
                 "profiled_featurize_s": round(tt["profiled_s"], 3),
                 "profiler_overhead": round(tt["profiler_overhead"], 3),

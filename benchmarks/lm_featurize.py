@@ -36,10 +36,10 @@ from constructing ``ft.TRAK`` to the last feature (in memory, ``store=None``), s
 building the projection. ``tokens_per_s`` counts real (non-padding) tokens. The timed runs
 are not instrumented. ``breakdown`` comes from one more run per TRAK configuration under
 ``torch.profiler`` (CPU activity; CUDA too on a GPU), summing the library's
-``record_function`` labels: ``fasttrak.gradients`` (per-example gradients),
-``fasttrak.project`` (the projection; for the factored projector, its layer-hook features),
-``fasttrak.featurizer`` (building the projection), ``fasttrak.out_to_loss`` (the no-grad
-forward for Q) and ``fasttrak.write`` (storing features); ``profiled_s`` over the median
+``record_function`` labels: ``fasttrak.gradients`` (per-example gradients and Q, which
+the hook engine takes from the same forward), ``fasttrak.project`` (the projection; for the
+factored projector, its layer-hook features and Q), ``fasttrak.featurizer`` (building the
+projection) and ``fasttrak.write`` (storing features); ``profiled_s`` over the median
 timed seconds (``profiler_overhead``) says what profiling added. ``--no-breakdown`` skips
 that run.
 ``--dense-rows N`` times (b) on the first N rows only (whole projection groups) and
@@ -245,7 +245,6 @@ STAGES = {
     "gradients": "fasttrak.gradients",
     "project": "fasttrak.project",
     "featurizer": "fasttrak.featurizer",
-    "out_to_loss": "fasttrak.out_to_loss",
     "write": "fasttrak.write",
 }
 """The library's record_function labels of featurize's stages."""

@@ -459,7 +459,6 @@ class TRAK:
         ``hashes``) of one row range for one model, whose weights are ``state`` and whose
         (bound) task is ``task``. Q and the hashes are taken as the featurizer reads each
         batch; non-finite values are errors naming the rows."""
-        qs: list[Tensor] = []
         row_hashes: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)]
 
         def batches() -> Iterator[tuple[slice, Any]]:
@@ -467,17 +466,16 @@ class TRAK:
                 row_hashes.extend(batch_hashes)
                 batch = to_device(batch, self.device)
                 task.check_batch(batch)
-                with torch.no_grad(), record_function("fasttrak.out_to_loss"):
-                    qs.append(task.out_to_loss(self._forward(state), batch).float())
-                self._check_finite(qs[-1], where.start, model_id)
                 yield where, batch
                 if bar is not None:
                     bar.update(where.stop - where.start)
 
-        feats = []
-        for where, phi in self.featurizer(model_id).features(state, task, batches()):
+        feats, qs = [], []
+        for where, phi, q in self.featurizer(model_id).features(state, task, batches()):
+            self._check_finite(q, where.start, model_id)
             self._check_finite(phi, where.start, model_id)
             feats.append(phi)
+            qs.append(q)
         return torch.cat(feats), torch.cat(qs), np.concatenate(row_hashes)
 
     @staticmethod

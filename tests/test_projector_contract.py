@@ -5,7 +5,7 @@ instances is driven only through the protocol:
 
     layout = config.layout(model, selected, proj_dim)           # Layout(k, spec, params, excluded)
     featurizer = config.featurizer(model, layout, seed, model_id, device, GradientMethod(...))
-    featurizer.features(state, task, batches) -> (rows, (rows, k) float32) ...
+    featurizer.features(state, task, batches) -> (rows, (rows, k) float32, Q (rows,)) ...
     featurizer.matrix() -> (p, k), features == G @ matrix()
 
 and must satisfy:
@@ -160,10 +160,15 @@ def run(featurizer, model, x, y, batch_size: int, device=CPU, slices=None) -> to
         for i in range(0, n, batch_size)
     )
     parts, covered = [], 0
-    for rows, feats in featurizer.features(state, TASK, batches):
+    for rows, feats, q in featurizer.features(state, TASK, batches):
         assert rows.start == covered and rows.stop > rows.start  # in order, no gaps
         assert feats.shape == (rows.stop - rows.start, featurizer.k)
         assert feats.dtype == torch.float32 and feats.device.type == torch.device(device).type
+        # Q from the gradient pass equals a separate no-grad forward's (NaN rows aside).
+        with torch.no_grad():
+            want = TASK.out_to_loss(model.to(device), (x[rows].to(device), y[rows].to(device)))
+        assert q.shape == (rows.stop - rows.start,) and q.dtype == torch.float32
+        torch.testing.assert_close(q, want.float(), rtol=1e-6, atol=1e-7, equal_nan=True)
         parts.append(feats)
         covered = rows.stop
         if slices is not None:

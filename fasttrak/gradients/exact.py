@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fasttrak.errors import ConfigError, ConfigTypeError, UnsupportedModelError
-from fasttrak.gradients.recording import Hooked, Recorder
+from fasttrak.gradients.recording import Hooked, OutputCache, Recorder
 from fasttrak.gradients.rules import Rule, rule_for
 from fasttrak.tasks.base import Task
 
@@ -88,6 +88,11 @@ class HookGradients:
         self.recorder = Recorder(task, hooked)  # probes for batch-less layers once
 
     def parts(self, state: dict[str, Tensor], batch: Any) -> list[Tensor]:
+        """One (B, p_i) float32 block per selected parameter, in selection order."""
+        return self.parts_and_q(state, batch)[0]
+
+    def parts_and_q(self, state: dict[str, Tensor], batch: Any) -> tuple[list[Tensor], Tensor]:
+        """:meth:`parts`, and Q = ``task.out_to_loss`` (B,) float32 from the same forward."""
         size = self.task.batch_size(batch)
         params = {n: t.detach() for n, t in state.items()}
         for name in self.selected:
@@ -97,9 +102,10 @@ class HookGradients:
                 )
             params[name] = params[name].requires_grad_(True)
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
             return functional_call(self.model, params, args, kwargs)
 
+        forward = OutputCache(run)
         root: dict[str, Tensor] = {}
 
         def before_backward(f: Tensor, unbatched: dict[str, tuple[int, ...]]) -> None:
@@ -113,6 +119,9 @@ class HookGradients:
             root.update(self._batched_backward(f, params, batched, size))
 
         recording = self.recorder.record(forward, batch, size, before_backward)
+        with torch.no_grad():
+            q = self.task.out_to_loss(forward.replay(), batch).float()
+        del forward
         shared = self._shared(recording.unbatched)
         grads: dict[str, Tensor] = dict(root)
         for layer_name, layer in self.layers.items():
@@ -135,7 +144,7 @@ class HookGradients:
             if grad is None:
                 grad = torch.zeros((size, params[name].numel()), device=recording.f.device)
             out.append(grad.reshape(size, -1).float())
-        return out
+        return out, q
 
     def _shared(self, unbatched: dict[str, tuple[int, ...]]) -> set[str]:
         """The selected parameters of layers whose output has no batch dimension."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fasttrak.errors import ConfigError
-from fasttrak.gradients.recording import Hooked, Recorder, per_example
+from fasttrak.gradients.recording import Hooked, OutputCache, Recorder, per_example
 from fasttrak.gradients.rules import rule_for, why_not_covered
 from fasttrak.tasks.base import Task
 
@@ -124,6 +124,10 @@ class FactoredFeatures:
 
     def __call__(self, state: dict[str, Tensor], batch: Any) -> Tensor:
         """state: every parameter and buffer by name; batch: a collated batch."""
+        return self.features_and_q(state, batch)[0]
+
+    def features_and_q(self, state: dict[str, Tensor], batch: Any) -> tuple[Tensor, Tensor]:
+        """The features, and Q = ``task.out_to_loss`` (B,) float32 from the same forward."""
         size = self.task.batch_size(batch)
         # Only the covered layers' parameters require grad (so that their outputs do); the
         # backward pass asks for the outputs' gradients only, so no parameter gradient and
@@ -134,10 +138,10 @@ class FactoredFeatures:
                 if params[p].is_floating_point():
                     params[p] = params[p].requires_grad_(True)
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
             return functional_call(self.model, params, args, kwargs)
 
-        batchless = sorted(self.recorder.probe(forward, batch, size))
+        batchless = sorted(self.recorder.probe(run, batch, size))
         if batchless:
             raise ConfigError(
                 f"layers {batchless} compute one output for the whole batch (no batch "
@@ -145,7 +149,11 @@ class FactoredFeatures:
                 "needs per-example layer outputs: exclude their parameters with params= "
                 "(e.g. '!*relative_attention_bias*'), or use projector='srht'"
             )
+        forward = OutputCache(run)
         recording = self.recorder.record(forward, batch, size)
+        with torch.no_grad():
+            q = self.task.out_to_loss(forward.replay(), batch).float()
+        del forward
         device = self.p_in[self.layers[0].name].device if self.layers else recording.f.device
         feats = []
         for layer in self.layers:
@@ -167,8 +175,8 @@ class FactoredFeatures:
                 total = torch.zeros((size, p_in.shape[1] * p_out.shape[1]), device=device)
             feats.append(total)
         if not feats:
-            return torch.zeros((size, 0), device=device)
-        return torch.cat(feats, dim=1)
+            return torch.zeros((size, 0), device=device), q
+        return torch.cat(feats, dim=1), q
 
 
 def _not_batch_first(name: str, what: str, shape: tuple[int, ...], size: int) -> None:

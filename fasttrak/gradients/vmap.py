@@ -63,3 +63,14 @@ class VmapGradients:
             ) from error
         size = self.task.batch_size(batch)
         return [grads[name].reshape(size, -1).float() for name in self.selected]
+
+    def parts_and_q(self, state: dict[str, Tensor], batch: Any) -> tuple[list[Tensor], Tensor]:
+        """:meth:`parts`, and Q = ``task.out_to_loss`` (B,) float32 from a batched no-grad
+        forward (vmap runs each example alone, so its forwards cannot serve Q)."""
+        with torch.no_grad():
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(self.model, state, args, kwargs)
+
+            q = self.task.out_to_loss(forward, batch).float()
+        return self.parts(state, batch), q

@@ -83,10 +83,12 @@ class Featurizer(Protocol):
 
     def features(
         self, state: dict[str, Tensor], task: Task, batches: Batches
-    ) -> Iterator[tuple[slice, Tensor]]:
-        """Yield (rows, features (rows, k) float32) covering ``batches`` in order; several
-        batches may come out as one group. ``state``: every parameter and buffer by name,
-        on the compute device; ``task`` bound to these weights; the model in eval mode."""
+    ) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """Yield (rows, features (rows, k) float32, Q (rows,) float32) covering ``batches``
+        in order; several batches may come out as one group. Q is ``task.out_to_loss``,
+        from the gradient pass's forward where the engine allows it. ``state``: every
+        parameter and buffer by name, on the compute device; ``task`` bound to these
+        weights; the model in eval mode."""
         ...
 
     def matrix(self) -> Tensor:
@@ -194,20 +196,23 @@ class GradientFeaturizer:
 
     def features(
         self, state: dict[str, Tensor], task: Task, batches: Batches
-    ) -> Iterator[tuple[slice, Tensor]]:
+    ) -> Iterator[tuple[slice, Tensor, Tensor]]:
         engine = self.gradients.build(self.model, task, self.params)
         group: list[list[Tensor]] = []  # per batch: per-parameter gradient parts (B, p_i)
+        qs: list[Tensor] = []
         start, stop, size = 0, 0, 0
         for rows, batch in batches:
             with record_function("fasttrak.gradients"):
-                group.append(engine.parts(state, batch))
+                parts, q = engine.parts_and_q(state, batch)
+            group.append(parts)
+            qs.append(q)
             start = rows.start if size == 0 else start
             stop, size = rows.stop, size + rows.stop - rows.start
             if size >= self.group_rows:
-                yield slice(start, stop), self._project(group)
-                size = 0
+                yield slice(start, stop), self._project(group), torch.cat(qs)
+                qs, size = [], 0
         if group:
-            yield slice(start, stop), self._project(group)
+            yield slice(start, stop), self._project(group), torch.cat(qs)
 
     def _project(self, group: list[list[Tensor]]) -> Tensor:
         """Project a group of batches, emptying ``group``."""

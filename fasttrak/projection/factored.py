@@ -76,18 +76,20 @@ class FactoredProjector:
 
     def features(
         self, state: dict[str, Tensor], task: Task, batches: Batches
-    ) -> Iterator[tuple[slice, Tensor]]:
+    ) -> Iterator[tuple[slice, Tensor, Tensor]]:
         for rows, batch in batches:
-            yield rows, self.batch_features(state, task, batch)
+            yield rows, *self._engine_for(task).features_and_q(state, batch)
 
     def batch_features(self, state: dict[str, Tensor], task: Task, batch: Any) -> Tensor:
         """(B, k) float32 features of one ``batch`` for the weights ``state`` (all parameters
         and buffers by name, on the compute device). The model must be in eval mode."""
+        return self._engine_for(task).features_and_q(state, batch)[0]
+
+    def _engine_for(self, task: Task) -> FactoredFeatures:
         if self._engine is None or self._engine_task != id(task):
             self._engine = FactoredFeatures(self.model, task, self.layers, self.p_in, self.p_out)
             self._engine_task = id(task)
-        with record_function("fasttrak.project"):
-            return self._engine(state, batch)
+        return self._engine
 
     def kron(self, name: str) -> Tensor:
         """The explicit (p_layer, k_layer) matrix ``P_rows ⊗ P_cols`` of one layer (tests and

@@ -1,0 +1,146 @@
+"""Featurize against its floor: a plain forward+backward of the same batches plus the projection.
+
+For a small CNN (two 3x3 convolutions, ~3.8k parameters, 2,000 16x16 images) and an MLP, at
+k = 1,024 with 5 models, in one process on one thread:
+
+* ``featurize``: ``trak.featurize(train, checkpoints=5 models)`` into an in-memory store
+  (per-example gradients, Q, projection, store writes and checks);
+* ``backprop``: a plain training step's forward and backward of the same batches for each
+  model (``loss.sum().backward()``, parameter gradients summed over the batch);
+* ``projection``: the projector's ``project`` of gradients of the same shape (B, p), per
+  batch, for each model (what no engine can avoid);
+
+and prints one JSON line per model with ``ratio = featurize / (backprop + projection)``
+(the aim: at most 1.5) and the stage breakdown of featurize from the library's profiler
+labels. Medians of ``--repeat`` runs::
+
+    OMP_NUM_THREADS=1 python benchmarks/featurize_vs_backprop.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import fasttrak as ft
+from fasttrak.tasks.classification import margin_from_logits
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def median(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, make: Callable[[], nn.Module], args: argparse.Namespace) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.rows, 1, 16, 16, generator=gen)
+    y = torch.randint(0, 10, (args.rows,), generator=gen)
+    models = []
+    for s in range(args.models):
+        torch.manual_seed(s)
+        models.append(make())
+    states = [m.state_dict() for m in models]
+    p = sum(t.numel() for t in models[0].parameters())
+
+    def featurize() -> ft.TRAK:
+        trak = ft.TRAK(
+            make(), proj_dim=args.k, batch_size=args.batch, progress=False, chunk_rows=512
+        )
+        trak.featurize((x, y), checkpoints=states)
+        return trak
+
+    def backprop() -> None:
+        for model in models:
+            model.eval()
+            for start in range(0, args.rows, args.batch):
+                xb, yb = x[start : start + args.batch], y[start : start + args.batch]
+                model.zero_grad(set_to_none=True)
+                margin_from_logits(model(xb), yb).sum().backward()
+
+    projectors = []
+    trak = featurize()
+    for m in range(args.models):
+        projectors.append(trak.featurizer(m).projector)  # type: ignore[attr-defined]
+    grads = torch.randn(args.batch, p, generator=gen)
+
+    def projection() -> None:
+        for projector in projectors:
+            for _ in range(0, args.rows, args.batch):
+                projector.project(grads)
+
+    seconds = {
+        "featurize": median(featurize, args.repeat),
+        "backprop": median(backprop, args.repeat),
+        "projection": median(projection, args.repeat),
+    }
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        featurize()
+    stages = {
+        e.key: round(e.cpu_time_total / 1e6, 3)
+        for e in prof.key_averages()
+        if e.key.startswith("fasttrak.")
+    }
+    floor = seconds["backprop"] + seconds["projection"]
+    return {
+        "bench": "featurize_vs_backprop",
+        "model": name,
+        "p": p,
+        "k": args.k,
+        "rows": args.rows,
+        "models": args.models,
+        "batch": args.batch,
+        "seconds": {key: round(value, 3) for key, value in seconds.items()},
+        "ratio": round(seconds["featurize"] / floor, 2),
+        "aim": 1.5,
+        "profiled_stages_s": stages,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--models", type=int, default=5)
+    parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="500 rows, 2 models, 1 repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.models, args.repeat = 500, 2, 1
+    torch.set_num_threads(1)
+    for name, make in (("cnn", cnn), ("mlp", mlp)):
+        print(json.dumps(measure(name, make, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
