@@ -152,3 +152,20 @@ def test_model_that_does_not_return_logits():
     x, y = make_data(6)
     with pytest.raises(ValueError, match=r"logits of shape \(B, C\)"):
         ft.TRAK(Flat(), proj_dim=4, progress=False).featurize((x, y))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"engine": "hooks"}, {"engine": "vmap"}, {"projector": "factored"}],
+    ids=["hooks", "vmap", "factored"],
+)
+def test_a_bad_label_past_the_first_batch_is_named_by_the_task(options):
+    """Q comes from the gradient pass's forward: a label outside the classes in a later
+    batch is still reported by the task's own check, not as an indexing error."""
+    import fasttrak as ft
+
+    x, y = make_data(150)
+    y[130] = 7
+    trak = ft.TRAK(make_mlp(), proj_dim=8, progress=False, **options)
+    with pytest.raises(ft.DataError, match=r"labels must lie in \[0, 3\)"):
+        trak.featurize((x, y))

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from fasttrak.errors import ConfigError, ConfigTypeError, UnsupportedModelError
+from fasttrak.errors import ConfigError, ConfigTypeError, FastTrakError, UnsupportedModelError
 from fasttrak.tasks.base import Forward, Task
 
 
@@ -139,7 +139,13 @@ class Recorder:
         ]
         try:
             with torch.enable_grad():
-                f = self.task.output(forward, batch)
+                try:
+                    f = self.task.output(forward, batch)
+                except FastTrakError:
+                    raise
+                except Exception:
+                    self._explain(forward, batch)
+                    raise
                 if not isinstance(f, Tensor) or f.shape != (size,):
                     shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
                     raise ConfigError(f"task.output returned {shape}, expected shape ({size},)")
@@ -157,6 +163,13 @@ class Recorder:
             for handle in handles:
                 handle.remove()
         return Recording(f, calls, unbatched)
+
+    def _explain(self, forward: Forward, batch: Any) -> None:
+        """After ``task.output`` failed: let the task's checks of the whole batch (in
+        ``out_to_loss``, e.g. a label outside the model's classes) name bad input, rather
+        than the indexing error it caused."""
+        with torch.no_grad(), self.replay():
+            self.task.out_to_loss(forward, batch)
 
     def _hook(
         self,
