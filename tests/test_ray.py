@@ -118,6 +118,12 @@ def test_a_task_that_raises_stops_the_run_with_its_own_error(runner, tmp_path):
         trak.featurize((x, y), checkpoints=CHECKPOINTS, runner=runner)
 
 
+def test_a_factory_takes_its_arguments_as_a_tuple():
+    with pytest.raises(ft.ConfigTypeError, match="as a tuple"):
+        ft.runners.Factory(make_data, "path")
+    assert ft.runners.Factory(make_data, [3])().__len__() == 2  # (x, y) of 3 rows
+
+
 def test_the_ray_runner_needs_a_store_path(runner):
     trak = ft.TRAK(make_mlp(), proj_dim=8, progress=False)
     with pytest.raises(ft.ConfigError, match="store= a directory"):

@@ -55,6 +55,12 @@ class Factory:
                 f"Factory needs a callable that returns the dataset, got "
                 f"{type(self.function).__name__}"
             )
+        if not isinstance(self.args, (tuple, list)):
+            raise ConfigTypeError(
+                f"Factory(function, args) takes the arguments as a tuple: "
+                f"Factory(open_data, ({self.args!r},)), got {type(self.args).__name__}"
+            )
+        object.__setattr__(self, "args", tuple(self.args))
 
     def __call__(self) -> Any:
         return self.function(*self.args, **self.kwargs)
