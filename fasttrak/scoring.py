@@ -5,7 +5,7 @@ score(t, i) = mean_m(Q_m,i) · mean_m( φ_m(t)ᵀ K_m⁻¹ φ_m(i) )
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,8 @@ from torch import Tensor
 
 from fasttrak.deprecation import deprecated
 from fasttrak.errors import ConfigError, ConfigTypeError, DataError, NumericalError
-from fasttrak.store import ChunkRecord, ModelStore
+from fasttrak.runners.base import Runner, check_runner
+from fasttrak.store import ChunkRecord, ModelStore, Store
 from fasttrak.store.core import sources_of
 from fasttrak.store.records import checksum, digest
 from fasttrak.store.saved import save_scores
@@ -36,6 +37,28 @@ class TopK:
     opponents: np.ndarray
     opponent_scores: np.ndarray
 
+    @classmethod
+    def merge(cls, parts: Sequence[TopK], k: int) -> TopK:
+        """The top k of the union of ``parts``: top-k of the same targets over disjoint
+        training rows (e.g. row chunks scored by different workers). Exact: the k highest
+        and lowest of the union are among each part's k highest and lowest."""
+        parts = list(parts)
+        if not parts or not all(isinstance(p, TopK) for p in parts):
+            raise ConfigTypeError("TopK.merge takes a non-empty list of ft.TopK")
+        if len({p.proponents.shape[0] for p in parts}) != 1:
+            raise ConfigError("TopK.merge needs parts of the same targets (the same rows)")
+        best_s, best_i = _keep_top(
+            np.hstack([p.proponent_scores for p in parts]),
+            np.hstack([p.proponents for p in parts]),
+            k,
+        )
+        neg_s, worst_i = _keep_top(
+            -np.hstack([p.opponent_scores for p in parts]),
+            np.hstack([p.opponents for p in parts]),
+            k,
+        )
+        return cls(best_i, best_s, worst_i, -neg_s)
+
 
 class Scores:
     """Attribution scores of shape (n_targets, n_train), computed lazily per row chunk.
@@ -50,16 +73,19 @@ class Scores:
         self,
         models: Sequence[tuple[ModelStore, dict[int, ChunkRecord]]],
         solved: Sequence[Tensor],
+        q_mean: np.ndarray | None = None,
     ) -> None:
         if len(models) != len(solved) or not models:
             raise ConfigError("need one solved target block per model, and at least one")
         self._models = list(models)
         self._solved = [x.float() for x in solved]  # each (k, n_targets)
         self._dense: np.ndarray | None = None
-        q = np.zeros(self._models[0][0].num_rows, dtype=np.float64)
-        for ck, records in self._models:
-            q += ck.read_all("q", records).astype(np.float64)
-        self.q_mean = (q / len(self._models)).astype(np.float32)
+        if q_mean is None:
+            q = np.zeros(self._models[0][0].num_rows, dtype=np.float64)
+            for ck, records in self._models:
+                q += ck.read_all("q", records).astype(np.float64)
+            q_mean = (q / len(self._models)).astype(np.float32)
+        self.q_mean = q_mean
         if not self.q_mean.any():
             raise NumericalError(
                 "Q = 1 - p is 0 on every training row of every model (their softmax is "
@@ -148,19 +174,37 @@ class Scores:
         dense = self.numpy()
         return dense if dtype is None else dense.astype(dtype)
 
-    def topk(self, k: int) -> TopK:
-        """The k highest (proponents) and k lowest (opponents) scores of every target."""
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled as the store's path and what was solved, reopened where it is loaded
+        (a runner's worker): the features are read there, verified, not shipped."""
+        location = self._models[0][0].store.location
+        if location is None:
+            raise ConfigError("scores of an in-memory store (store=None) cannot be shipped")
+        models = [(model.model_id, model.fingerprint, records) for model, records in self._models]
+        return (_reopen, (location, models, self._solved, self.q_mean))
+
+    def topk(self, k: int, rows: Sequence[int] | None = None, runner: Runner | None = None) -> TopK:
+        """The k highest (proponents) and k lowest (opponents) scores of every target,
+        streamed over the training rows (only the row chunks ``rows``, when given).
+        ``runner=ft.runners.Ray(...)``: row chunks scored by workers, merged exactly."""
         n_targets, n = self.shape
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
             raise ConfigError(
                 f"k must be an integer in [1, {n}] (the number of training examples), got {k!r}"
             )
+        if runner is not None:
+            return check_runner(runner).topk(self, int(k))
         best_s = np.full((n_targets, 0), -np.inf, dtype=np.float32)
         best_i = np.zeros((n_targets, 0), dtype=np.int64)
         worst_s, worst_i = -best_s, best_i.copy()
-        source = [(slice(0, n), self._dense)] if self._dense is not None else self.chunks()
-        for rows, block in source:
-            index = np.broadcast_to(np.arange(rows.start, rows.stop), block.shape)
+        num_chunks = self._models[0][0].num_chunks
+        skip = frozenset() if rows is None else frozenset(range(num_chunks)) - set(rows)
+        if self._dense is not None and rows is None:
+            source: Iterable[tuple[slice, np.ndarray]] = [(slice(0, n), self._dense)]
+        else:
+            source = self.chunks(skip)
+        for span, block in source:
+            index = np.broadcast_to(np.arange(span.start, span.stop), block.shape)
             best_s, best_i = _keep_top(np.hstack([best_s, block]), np.hstack([best_i, index]), k)
             neg_s, worst_i = _keep_top(
                 np.hstack([-worst_s, -block]), np.hstack([worst_i, index]), k
@@ -195,6 +239,18 @@ class Scores:
             self._chunk_scores,
             overwrite=overwrite,
         )
+
+
+def _reopen(
+    location: str,
+    models: list[tuple[int, str, dict[int, ChunkRecord]]],
+    solved: list[Tensor],
+    q_mean: np.ndarray,
+) -> Scores:
+    """Scores rebuilt from :meth:`Scores.__reduce__`'s parts, on the store at ``location``."""
+    store = Store.open_existing(location)
+    stored = [(ModelStore(store, m, fingerprint), records) for m, fingerprint, records in models]
+    return Scores(stored, solved, q_mean)
 
 
 def _keep_top(values: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -145,3 +145,27 @@ def test_old_names_still_work_and_say_the_new_one(data):
     from fasttrak.store import CheckpointStore, ModelStore
 
     assert CheckpointStore is ModelStore
+
+
+def test_top_k_of_row_chunks_merges_exactly_and_scores_pickle_by_store_path(data, tmp_path):
+    import pickle
+
+    train, targets = data
+    trak = _trak(tmp_path / "s", chunk_rows=7)  # 6 chunks of 40 rows
+    trak.featurize(train, checkpoints=_checkpoints(2))
+    scores = trak.score(targets)
+    whole = scores.topk(5)
+    parts = [scores.topk(5, rows=[0, 1]), scores.topk(5, rows=[2]), scores.topk(5, rows=[3, 4, 5])]
+    merged = ft.TopK.merge(parts, 5)
+    for name in ("proponents", "proponent_scores", "opponents", "opponent_scores"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+    again = pickle.loads(pickle.dumps(scores))  # reopens the store; reads verified features
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(scores))
+    with pytest.raises(ft.ConfigError, match="in-memory store"):
+        pickle.dumps(_trak_scores_in_memory(train, targets))
+
+
+def _trak_scores_in_memory(train, targets):
+    trak = _trak()
+    trak.featurize(train, checkpoints=_checkpoints(1))
+    return trak.score(targets)

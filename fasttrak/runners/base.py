@@ -10,7 +10,7 @@ from fasttrak.errors import ConfigTypeError
 
 if TYPE_CHECKING:
     from fasttrak.estimator import Estimator
-    from fasttrak.scoring import Scores
+    from fasttrak.scoring import Scores, TopK
     from fasttrak.trak import TRAK, FeaturizePlan, ScorePlan
 
 
@@ -24,6 +24,8 @@ class Runner(Protocol):
     def score(self, trak: TRAK, plan: ScorePlan) -> Scores: ...
 
     def finalize(self, trak: TRAK, model_ids: list[int], estimator: Estimator) -> None: ...
+
+    def topk(self, scores: Scores, k: int) -> TopK: ...
 
 
 def check_runner(runner: Any) -> Runner:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from fasttrak.estimator import Estimator
-    from fasttrak.scoring import Scores
+    from fasttrak.scoring import Scores, TopK
     from fasttrak.trak import TRAK, FeaturizePlan, ScorePlan, _Checkpoint
 
 
@@ -136,6 +136,31 @@ class Ray:
             [solved[i] for i in range(len(plan.ids))],
         )
 
+    # ------------------------------------------------------------------ top-k
+    def topk(self, scores: Scores, k: int) -> TopK:
+        """Top-k over row chunks in parallel: each task scores ``chunks_per_task`` chunks
+        (reading the features on the worker) and keeps their top k; merged exactly."""
+        from fasttrak.scoring import TopK
+
+        store = scores._models[0][0].store
+        if store.location is None:
+            raise ConfigError("scores of an in-memory store (store=None) cannot be shipped")
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address, **{"log_to_driver": False, **self.init})
+        shipped = ray.put(scores)
+        remote = ray.remote(_topk_task).options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
+        )
+        chunks = list(range(store.num_chunks))
+        step = self.chunks_per_task
+        refs = {
+            remote.remote(shipped, k, chunks[i : i + step]): i for i in range(0, len(chunks), step)
+        }
+        parts: dict[int, TopK] = {}
+        self._gather(ray, refs, lambda i: None, results=parts)
+        return TopK.merge([parts[i] for i in sorted(parts)], k)
+
     # ------------------------------------------------------------------ finalize
     def finalize(self, trak: TRAK, model_ids: list[int], estimator: Estimator) -> None:
         ray = self._start(trak)
@@ -241,6 +266,22 @@ def _finalize_task(options: dict[str, Any], model_id: int, estimator: Any) -> in
 
     TRAK(**options).finalize(model_ids=[model_id], estimator=estimator)
     return model_id
+
+
+def _topk_task(scores: Scores, k: int, chunks: list[int]) -> TopK:
+    """One Ray task: the top k of some row chunks (k is capped by their rows)."""
+    rows = sum(_rows(scores._models[0][0].store, c) for c in chunks)
+    return scores.topk(min(k, scores.shape[1]), rows=chunks) if rows else _empty(scores)
+
+
+def _empty(scores: Scores) -> TopK:
+    import numpy as np
+
+    from fasttrak.scoring import TopK
+
+    targets = scores.shape[0]
+    none = np.zeros((targets, 0), dtype=np.int64)
+    return TopK(none, np.zeros((targets, 0), np.float32), none, np.zeros((targets, 0), np.float32))
 
 
 def _solve_task(
