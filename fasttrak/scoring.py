@@ -222,14 +222,17 @@ class Scores:
         solved = [checksum(x.numpy()) for x in self._solved]
         return digest(parts, solved, checksum(self.q_mean), list(self.shape))
 
-    def save(self, path: str | Path, overwrite: bool = False) -> zarr.Array:
+    def save(
+        self, path: str | Path, overwrite: bool = False, runner: Runner | None = None
+    ) -> zarr.Array:
         """Write the dense scores to a zarr array at ``path`` without holding them in memory.
 
         Atomic: the array appears at ``path`` only once complete (it is written at
         ``path.partial`` first); a killed save resumes where it stopped when called again;
         saving the same scores again is a no-op; other finished scores at ``path`` are
         replaced only with ``overwrite=True``. Read it back verified with
-        :func:`fasttrak.load_scores`."""
+        :func:`fasttrak.load_scores`. ``runner=ft.runners.Ray(...)``: the row chunks'
+        columns are computed and written by workers in parallel (then sealed here)."""
         block = self._models[0][0].store.chunk_rows
         return save_scores(
             path,
@@ -238,6 +241,7 @@ class Scores:
             self.identity(),
             self._chunk_scores,
             overwrite=overwrite,
+            writer=None if runner is None else check_runner(runner).save_writer(self),
         )
 
 

@@ -76,6 +76,9 @@ def test_ray_featurize_finalize_and_score_give_the_in_process_bits(runner, refer
     want = reference[0].score(make_data(4, seed=1)).topk(7)
     np.testing.assert_array_equal(top.proponents, want.proponents)
     np.testing.assert_array_equal(top.opponent_scores, want.opponent_scores)
+    saved = trak.score(make_data(4, seed=1)).save(tmp_path / "scores.zarr", runner=runner)
+    np.testing.assert_array_equal(ft.load_scores(tmp_path / "scores.zarr"), reference[1])
+    assert saved.shape == reference[1].shape
     plain = ft.Estimator(kernel="plain")
     np.testing.assert_allclose(
         np.asarray(trak.score(make_data(4, seed=1), runner=runner, estimator=plain)),

@@ -27,6 +27,10 @@ class Runner(Protocol):
 
     def topk(self, scores: Scores, k: int) -> TopK: ...
 
+    def save_writer(self, scores: Scores) -> Callable[[str, list[int]], None]:
+        """A writer for ``Scores.save``: computes and writes these column blocks."""
+        ...
+
 
 def check_runner(runner: Any) -> Runner:
     if isinstance(runner, type):

@@ -11,6 +11,7 @@ whose worker dies; a task that raises (bad input) stops the run with its own err
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -143,11 +144,7 @@ class Ray:
         from fasttrak.scoring import TopK
 
         store = scores._models[0][0].store
-        if store.location is None:
-            raise ConfigError("scores of an in-memory store (store=None) cannot be shipped")
-        ray = _ray()
-        if not ray.is_initialized():
-            ray.init(address=self.address, **{"log_to_driver": False, **self.init})
+        ray = self._ray_for(scores)
         shipped = ray.put(scores)
         remote = ray.remote(_topk_task).options(
             num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
@@ -160,6 +157,30 @@ class Ray:
         parts: dict[int, TopK] = {}
         self._gather(ray, refs, lambda i: None, results=parts)
         return TopK.merge([parts[i] for i in sorted(parts)], k)
+
+    def save_writer(self, scores: Scores) -> Callable[[str, list[int]], None]:
+        def write(path: str, blocks: list[int]) -> None:
+            ray = self._ray_for(scores)
+            shipped = ray.put(scores)
+            remote = ray.remote(_save_task).options(
+                num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
+            )
+            step = self.chunks_per_task
+            refs = {
+                remote.remote(shipped, path, blocks[i : i + step]): i
+                for i in range(0, len(blocks), step)
+            }
+            self._gather(ray, refs, lambda i: None)
+
+        return write
+
+    def _ray_for(self, scores: Scores) -> Any:
+        if scores._models[0][0].store.location is None:
+            raise ConfigError("scores of an in-memory store (store=None) cannot be shipped")
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address, **{"log_to_driver": False, **self.init})
+        return ray
 
     # ------------------------------------------------------------------ finalize
     def finalize(self, trak: TRAK, model_ids: list[int], estimator: Estimator) -> None:
@@ -282,6 +303,15 @@ def _empty(scores: Scores) -> TopK:
     targets = scores.shape[0]
     none = np.zeros((targets, 0), dtype=np.int64)
     return TopK(none, np.zeros((targets, 0), np.float32), none, np.zeros((targets, 0), np.float32))
+
+
+def _save_task(scores: Scores, path: str, blocks: list[int]) -> int:
+    """One Ray task: compute and write these column blocks of a parallel ``Scores.save``."""
+    from fasttrak.store.saved import write_blocks
+
+    skip = set(range(scores._models[0][0].num_chunks)) - set(blocks)
+    write_blocks(path, scores._chunk_scores(skip))
+    return len(blocks)
 
 
 def _solve_task(

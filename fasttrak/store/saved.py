@@ -26,6 +26,10 @@ Blocks = Callable[[set[int]], Iterator[tuple[int, slice, np.ndarray]]]
 """blocks(skip) yields (block index, column slice, scores (n_targets, columns)) for every
 column block not in ``skip``."""
 
+Writer = Callable[[str, list[int]], None]
+"""writer(path, blocks) computes these column blocks elsewhere (a runner's workers), each
+written with :func:`write_blocks` into ``path``'s partial save."""
+
 
 def save_scores(
     path: str | Path,
@@ -34,8 +38,10 @@ def save_scores(
     identity: str,
     blocks: Blocks,
     overwrite: bool = False,
+    writer: Writer | None = None,
 ) -> zarr.Array:
-    """Write scores of shape (n_targets, n_train) to a zarr array at ``path``."""
+    """Write scores of shape (n_targets, n_train) to a zarr array at ``path``; the column
+    blocks are computed here, or by ``writer`` (in parallel elsewhere)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise ConfigError(f"scores.save needs a directory path, got {path!r}")
     path = Path(path)
@@ -47,7 +53,7 @@ def save_scores(
     # One saver at a time per path (a hidden lock file beside it, kept): a second one
     # waits, then finds the scores saved.
     with held(files.lock(f".{name}.lock", wait=True)):
-        return _save_locked(files, path, shape, block_columns, identity, blocks, overwrite)
+        return _save_locked(files, path, shape, block_columns, identity, blocks, overwrite, writer)
 
 
 def _save_locked(
@@ -58,6 +64,7 @@ def _save_locked(
     identity: str,
     blocks: Blocks,
     overwrite: bool,
+    writer: Writer | None,
 ) -> zarr.Array:
     name, partial = path.name, f"{path.name}.partial"
     if files.exists(name):
@@ -76,14 +83,19 @@ def _save_locked(
         files.create(f"{partial}/identity.json", encode({"identity": identity}))
     array = zarr.open_array(store=files.zarr_store(partial), mode="r+")
     if _finished_identity(files, partial) != identity:
-        done = _done_blocks(files, partial)
-        for j, columns, block in blocks(set(done)):
-            block = np.ascontiguousarray(block, dtype=np.float32)
-            with os_errors(f"block {j} of the scores at {path}"):
-                array[:, columns] = block
-            done[j] = checksum(block)
-            files.create(f"{partial}/blocks/{j}.json", encode({"block": j, "crc": done[j]}))
         grid = [index[1] for index, _ in chunk_grid(shape, chunks)]
+        done = _done_blocks(files, partial)
+        if writer is None:
+            done.update(_write(files, partial, array, str(path), blocks(set(done))))
+        else:
+            writer(str(path), [j for j in grid if j not in done])
+            done = _done_blocks(files, partial)
+            missing = [j for j in grid if j not in done]
+            if missing:
+                raise StoreError(
+                    f"the parallel save of {path} left column blocks {missing[:10]} unwritten; "
+                    "save again: the written blocks are kept"
+                )
         array.attrs["fasttrak"] = seal(
             {
                 "kind": "scores",
@@ -101,6 +113,34 @@ def _save_locked(
     if not files.publish(partial, name) and _finished_identity(files, name) != identity:
         raise ScoresExistError(f"another process saved other scores at {path} meanwhile")
     return zarr.open_array(store=files.zarr_store(name), mode="r")
+
+
+def write_blocks(path: str | Path, blocks: Iterator[tuple[int, slice, np.ndarray]]) -> None:
+    """Write column blocks into the partial save of ``path`` that a :func:`save_scores`
+    holding its lock has set up (a runner's worker does this for its blocks)."""
+    path = Path(path)
+    partial = f"{path.name}.partial"
+    files = DirectoryFiles(path.parent, staging=f"{partial}/tmp")
+    array = zarr.open_array(store=files.zarr_store(partial), mode="r+")
+    _write(files, partial, array, str(path), blocks)
+
+
+def _write(
+    files: DirectoryFiles,
+    partial: str,
+    array: zarr.Array,
+    where: str,
+    blocks: Iterator[tuple[int, slice, np.ndarray]],
+) -> dict[int, int]:
+    """Write each block, then its done mark; block -> CRC32C of what was written."""
+    done = {}
+    for j, columns, block in blocks:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        with os_errors(f"block {j} of the scores at {where}"):
+            array[:, columns] = block
+        done[j] = checksum(block)
+        files.create(f"{partial}/blocks/{j}.json", encode({"block": j, "crc": done[j]}))
+    return done
 
 
 def load_scores(path: str | Path) -> np.ndarray:
