@@ -74,12 +74,17 @@ def select_chunks(rows: RowChunks, num_chunks: int) -> list[int]:
     return sorted({int(c) for c in chunks})
 
 
+def runs(chunks: Iterable[int]) -> list[list[int]]:
+    """Chunk indices in runs of adjacent ones: ``[0, 1, 2, 5]`` -> ``[[0, 1, 2], [5]]``."""
+    grouped: list[list[int]] = []
+    for c in sorted(chunks):
+        if grouped and grouped[-1][-1] == c - 1:
+            grouped[-1].append(c)
+        else:
+            grouped.append([c])
+    return grouped
+
+
 def ranges(chunks: Iterable[int]) -> str:
     """Chunk indices as compact ranges: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    runs: list[list[int]] = []
-    for c in sorted(chunks):
-        if runs and runs[-1][-1] == c - 1:
-            runs[-1].append(c)
-        else:
-            runs.append([c])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs(chunks))

@@ -46,7 +46,7 @@ from fasttrak.influence import self_influence
 from fasttrak.projection import Featurizer, ProjectorConfig, resolve_projector
 from fasttrak.runners.base import Runner, as_dataset, check_runner
 from fasttrak.scoring import Scores
-from fasttrak.shards import RowChunks, select_chunks
+from fasttrak.shards import RowChunks, runs, select_chunks
 from fasttrak.store import FEATURE_DTYPES, ChunkRecord, ModelStore, Store
 from fasttrak.store.core import complete_models
 from fasttrak.store.files import held
@@ -322,13 +322,7 @@ class TRAK:
     def _check_rows(self, rows: Rows, chunks: list[int]) -> None:
         """Fingerprint these chunks of ``rows`` (in runs of adjacent chunks, one pass over the
         data each) and compare them with the store's record, first chunk first."""
-        runs: list[list[int]] = []
-        for c in sorted(chunks):
-            if runs and runs[-1][-1] == c - 1:
-                runs[-1].append(c)
-            else:
-                runs.append([c])
-        for run in runs:
+        for run in runs(chunks):
             span = slice(self.store.chunk_slice(run[0]).start, self.store.chunk_slice(run[-1]).stop)
             hashes = rows.hashes(span)
             for c in run:
