@@ -18,10 +18,12 @@ from torch import Tensor
 from fasttrak.deprecation import deprecated
 from fasttrak.errors import ConfigError, ConfigTypeError, DataError, NumericalError
 from fasttrak.runners.base import Runner, check_runner
+from fasttrak.shards import select_chunks
 from fasttrak.store import ChunkRecord, ModelStore, Store
 from fasttrak.store.core import sources_of
 from fasttrak.store.records import checksum, digest
 from fasttrak.store.saved import save_scores
+from fasttrak.validation import positive_int
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class TopK:
         parts = list(parts)
         if not parts or not all(isinstance(p, TopK) for p in parts):
             raise ConfigTypeError("TopK.merge takes a non-empty list of ft.TopK")
+        k = positive_int("k", k)
         if len({p.proponents.shape[0] for p in parts}) != 1:
             raise ConfigError("TopK.merge needs parts of the same targets (the same rows)")
         best_s, best_i = _keep_top(
@@ -198,7 +201,8 @@ class Scores:
         best_i = np.zeros((n_targets, 0), dtype=np.int64)
         worst_s, worst_i = -best_s, best_i.copy()
         num_chunks = self._models[0][0].num_chunks
-        skip = frozenset() if rows is None else frozenset(range(num_chunks)) - set(rows)
+        chosen = select_chunks(rows, num_chunks)
+        skip = frozenset(range(num_chunks)) - set(chosen)
         if self._dense is not None and rows is None:
             source: Iterable[tuple[slice, np.ndarray]] = [(slice(0, n), self._dense)]
         else:

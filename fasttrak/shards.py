@@ -63,6 +63,11 @@ def select_chunks(rows: RowChunks, num_chunks: int) -> list[int]:
             f"got {type(rows).__name__}"
         )
     chunks = list(rows)
+    if not chunks:
+        raise ConfigError(
+            "rows= lists no row chunk; pass None for all of them, ft.shard(i, n), or chunk "
+            f"indices in 0 to {num_chunks - 1}"
+        )
     if not all(is_int(c) for c in chunks):
         raise ConfigTypeError(f"rows= must list integer row-chunk indices, got {chunks[:10]}")
     bad = [int(c) for c in chunks if not 0 <= c < num_chunks]

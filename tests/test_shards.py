@@ -141,3 +141,21 @@ def test_model_id_picks_the_projection_whatever_the_process(tmp_path):
     run = ft.TRAK(make_mlp(), proj_dim=32, chunk_rows=25, batch_size=10, progress=False)
     run.featurize(make_data(160), checkpoints=[checkpoint(0)] * 8)
     np.testing.assert_array_equal(alone.store.model(7).features(), run.store.model(7).features())
+
+
+def test_empty_and_out_of_range_chunk_lists_are_refused_but_an_empty_shard_is_a_no_op(tmp_path):
+    trak = make_trak(str(tmp_path / "s"))
+    data = make_data(40)  # 2 chunks of 25 rows
+    with pytest.raises(ft.ConfigError, match="lists no row chunk"):
+        trak.featurize(data, rows=[])
+    trak.featurize(data, rows=ft.shard(0, 4))  # 2 chunks over 4 jobs: job 0 has none
+    assert trak.progress().models[0].done == 0
+    trak.featurize(data, rows=ft.shard(3, 4))
+    scores = trak.score(make_data(3, seed=1)) if trak.progress().complete else None
+    assert scores is None  # chunk 0 is job 1's
+    trak.featurize(data, rows=ft.shard(1, 4))
+    scores = trak.score(make_data(3, seed=1))
+    with pytest.raises(ft.ConfigError, match="outside the store's 2 chunks"):
+        scores.topk(3, rows=[5])
+    with pytest.raises(ft.ConfigError, match="k must be a positive integer"):
+        ft.TopK.merge([scores.topk(3)], 0)
