@@ -139,6 +139,16 @@ def test_the_ray_runner_needs_a_store_path(runner):
         trak.featurize(make_data(20), runner=ft.runners.Ray)
 
 
+def test_a_relative_store_path_reaches_the_workers_as_the_same_store(
+    runner, reference, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    trak = make_trak(Path("relative") / "store")
+    trak.featurize(make_data(150), checkpoints=CHECKPOINTS, runner=runner)
+    assert trak.progress().complete
+    assert_same_store(trak, reference[0])
+
+
 def test_a_dataset_factory_is_opened_on_the_workers(runner, reference, tmp_path):
     trak = make_trak(tmp_path / "store")
     data = ft.runners.Factory(make_data, (150,))

@@ -11,6 +11,7 @@ whose worker dies; a task that raises (bad input) stops the run with its own err
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -255,7 +256,10 @@ def _portable(ckpt: _Checkpoint) -> Any:
 
 
 def _worker_options(trak: TRAK) -> dict[str, Any]:
-    return {**trak.options, "progress": False}
+    """The constructor's arguments for a worker: the store as an absolute path (a worker's
+    working directory is not the driver's), no progress bars."""
+    store = os.path.abspath(str(trak.store.location))
+    return {**trak.options, "store": store, "progress": False}
 
 
 def _featurize_task(
