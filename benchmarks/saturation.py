@@ -365,8 +365,8 @@ def blobs_cases(subsets: int) -> list[Case]:
 
 def stored(trak: ft.TRAK, m: int) -> tuple[np.ndarray, np.ndarray]:
     """Features Φ_m (n, k) float32 and Q_m (n,) of model m from the TRAK store."""
-    ck = trak.store.checkpoint(m)
-    return np.asarray(ck.features(), dtype=np.float32), np.asarray(ck.q())
+    model = trak.store.model(m)
+    return np.asarray(model.features(), dtype=np.float32), np.asarray(model.q())
 
 
 def guarded_scores(
