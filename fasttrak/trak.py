@@ -291,8 +291,7 @@ class TRAK:
         else None."""
         if self.store.stored_fingerprint(m) != ckpt.fingerprint:
             return None
-        selected = set(chunks)
-        return [c for c in self.store.model(m).pending_chunks() if c in selected]
+        return _among(self.store.model(m).pending_chunks(), chunks)
 
     def progress(self) -> Progress:
         """Per model id in the store, how many row chunks are featurized and which are
@@ -748,8 +747,13 @@ class FeaturizePlan:
         known = self.pending[m]
         if known is not None:
             return known
-        selected = set(self.chunks)
-        return [c for c in pending_chunks() if c in selected]
+        return _among(pending_chunks(), self.chunks)
+
+
+def _among(pending: list[int], chunks: list[int]) -> list[int]:
+    """The chunks of ``pending`` that this call covers (``chunks``, from ``rows=``)."""
+    covered = set(chunks)
+    return [c for c in pending if c in covered]
 
 
 @dataclass

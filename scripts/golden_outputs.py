@@ -282,61 +282,29 @@ def hf_cases(transformers: Any) -> dict[str, Callable[[], dict[str, str]]]:
         {"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i, :4]} for i in range(n)
     ]
     conv1d = transformers.pytorch_utils.Conv1D
+    factored = {"projector": "factored"}
+    table = {  # name: (model, rows, task, extra options)
+        "gpt2/srht/hooks": (gpt2, lm_rows, ft.tasks.LanguageModeling(), {}),
+        "gpt2/factored/hooks": (
+            gpt2,
+            lm_rows,
+            ft.tasks.LanguageModeling(),
+            {**factored, "params": [conv1d]},
+        ),
+        "bert/srht/hooks": (bert, cls_rows, ft.tasks.TextClassification(), {}),
+        "bert/factored/hooks": (
+            bert,
+            cls_rows,
+            ft.tasks.TextClassification(),
+            {**factored, "params": [nn.Linear]},
+        ),
+        "t5/srht/hooks": (t5, s2s_rows, ft.tasks.Seq2Seq(), {}),
+    }
     return {
-        "gpt2/srht/hooks": lambda: run(
-            gpt2,
-            lm_rows,
-            lm_rows[:4],
-            None,
-            None,
-            task=ft.tasks.LanguageModeling(),
-            proj_dim=64,
-            batch_size=8,
-        ),
-        "gpt2/factored/hooks": lambda: run(
-            gpt2,
-            lm_rows,
-            lm_rows[:4],
-            None,
-            None,
-            task=ft.tasks.LanguageModeling(),
-            proj_dim=64,
-            batch_size=8,
-            projector="factored",
-            params=[conv1d],
-        ),
-        "bert/srht/hooks": lambda: run(
-            bert,
-            cls_rows,
-            cls_rows[:4],
-            None,
-            None,
-            task=ft.tasks.TextClassification(),
-            proj_dim=64,
-            batch_size=8,
-        ),
-        "bert/factored/hooks": lambda: run(
-            bert,
-            cls_rows,
-            cls_rows[:4],
-            None,
-            None,
-            task=ft.tasks.TextClassification(),
-            proj_dim=64,
-            batch_size=8,
-            projector="factored",
-            params=[nn.Linear],
-        ),
-        "t5/srht/hooks": lambda: run(
-            t5,
-            s2s_rows,
-            s2s_rows[:4],
-            None,
-            None,
-            task=ft.tasks.Seq2Seq(),
-            proj_dim=64,
-            batch_size=8,
-        ),
+        name: lambda model=model, rows=rows, task=task, extra=extra: run(
+            model, rows, rows[:4], None, None, task=task, proj_dim=64, batch_size=8, **extra
+        )
+        for name, (model, rows, task, extra) in table.items()
     }
 
 

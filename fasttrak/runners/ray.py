@@ -49,7 +49,8 @@ class Ray:
     num_cpus, num_gpus: resources of each task (a GPU per task: ``num_gpus=1``; the model
         then runs on the device the ``TRAK`` object was built with, e.g. ``"cuda"``).
     max_retries: how often Ray reruns a task whose worker died.
-    chunks_per_task: row chunks per featurize task (more: less overhead per task).
+    chunks_per_task: row chunks per featurize, top-k or save task (more: less overhead
+        per task).
     init: further keywords of ``ray.init`` (e.g. ``num_cpus=2`` for a local Ray,
         ``runtime_env``).
     The store must be a path every worker can reach (local disk for a local Ray, shared
@@ -70,7 +71,7 @@ class Ray:
 
     # ------------------------------------------------------------------ featurize
     def featurize(self, trak: TRAK, plan: FeaturizePlan) -> None:
-        ray = self._start(trak)
+        ray = self._connect(trak.store.location)
         store = trak.store
         tasks: list[tuple[int, list[int]]] = []
         for m, ckpt in zip(plan.ids, plan.checkpoints, strict=True):
@@ -80,8 +81,7 @@ class Ray:
             # only resume features of these weights.
             with store.writing(m, ckpt.fingerprint, plan.overwrite) as stored:
                 todo = plan.todo(m, stored.pending_chunks)
-            step = self.chunks_per_task
-            tasks.extend((m, todo[i : i + step]) for i in range(0, len(todo), step))
+            tasks.extend((m, group) for group in self._groups(todo))
         if not tasks:
             return
         options = ray.put(_worker_options(trak))
@@ -89,9 +89,7 @@ class Ray:
         checkpoints = {
             m: ray.put(_portable(ckpt)) for m, ckpt in zip(plan.ids, plan.checkpoints, strict=True)
         }
-        remote = ray.remote(_featurize_task).options(
-            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
-        )
+        remote = self._remote(ray, _featurize_task)
         batch_size = plan.data.batch_size
         refs = {}
         for m, chunks in tasks:
@@ -110,12 +108,10 @@ class Ray:
     def score(self, trak: TRAK, plan: ScorePlan) -> Scores:
         from fasttrak.scoring import Scores
 
-        ray = self._start(trak)
+        ray = self._connect(trak.store.location)
         options = ray.put(_worker_options(trak))
         targets = ray.put(plan.targets)
-        remote = ray.remote(_solve_task).options(
-            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
-        )
+        remote = self._remote(ray, _solve_task)
         refs = {
             remote.remote(
                 options,
@@ -145,51 +141,29 @@ class Ray:
         from fasttrak.scoring import TopK
 
         store = scores._models[0][0].store
-        ray = self._ray_for(scores)
-        shipped = ray.put(scores)
-        remote = ray.remote(_topk_task).options(
-            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
-        )
-        chunks = list(range(store.num_chunks))
-        step = self.chunks_per_task
-        refs = {
-            remote.remote(shipped, k, chunks[i : i + step]): i for i in range(0, len(chunks), step)
-        }
+        ray = self._connect(store.location)
+        shipped, remote = ray.put(scores), self._remote(ray, _topk_task)
+        groups = self._groups(list(range(store.num_chunks)))
+        refs = {remote.remote(shipped, k, group): i for i, group in enumerate(groups)}
         parts: dict[int, TopK] = {}
         self._gather(ray, refs, lambda i: None, results=parts)
         return TopK.merge([parts[i] for i in sorted(parts)], k)
 
     def save_writer(self, scores: Scores) -> Callable[[str, list[int]], None]:
         def write(path: str, blocks: list[int]) -> None:
-            ray = self._ray_for(scores)
-            shipped = ray.put(scores)
-            remote = ray.remote(_save_task).options(
-                num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
-            )
-            step = self.chunks_per_task
-            refs = {
-                remote.remote(shipped, path, blocks[i : i + step]): i
-                for i in range(0, len(blocks), step)
-            }
+            ray = self._connect(scores._models[0][0].store.location)
+            shipped, remote = ray.put(scores), self._remote(ray, _save_task)
+            groups = self._groups(blocks)
+            refs = {remote.remote(shipped, path, group): i for i, group in enumerate(groups)}
             self._gather(ray, refs, lambda i: None)
 
         return write
 
-    def _ray_for(self, scores: Scores) -> Any:
-        if scores._models[0][0].store.location is None:
-            raise ConfigError("scores of an in-memory store (store=None) cannot be shipped")
-        ray = _ray()
-        if not ray.is_initialized():
-            ray.init(address=self.address, **{"log_to_driver": False, **self.init})
-        return ray
-
     # ------------------------------------------------------------------ finalize
     def finalize(self, trak: TRAK, model_ids: list[int], estimator: Estimator) -> None:
-        ray = self._start(trak)
+        ray = self._connect(trak.store.location)
         options = ray.put(_worker_options(trak))
-        remote = ray.remote(_finalize_task).options(
-            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
-        )
+        remote = self._remote(ray, _finalize_task)
         refs = {remote.remote(options, m, estimator): m for m in model_ids}
         bar = tqdm(
             total=len(refs),
@@ -201,8 +175,9 @@ class Ray:
             self._gather(ray, refs, lambda m: bar.update(1))
 
     # ------------------------------------------------------------------ helpers
-    def _start(self, trak: TRAK) -> Any:
-        if trak.store.location is None:
+    def _connect(self, location: str | None) -> Any:
+        """Ray, started (or joined) for a store at ``location``, which workers must reach."""
+        if location is None:
             raise ConfigError(
                 "ft.runners.Ray writes into the store from its workers: build the TRAK object "
                 "with store= a directory every worker can reach (not store=None)"
@@ -211,6 +186,17 @@ class Ray:
         if not ray.is_initialized():
             ray.init(address=self.address, **{"log_to_driver": False, **self.init})
         return ray
+
+    def _remote(self, ray: Any, function: Callable[..., Any]) -> Any:
+        """``function`` as a Ray task with this runner's resources and retries."""
+        return ray.remote(function).options(
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries
+        )
+
+    def _groups(self, items: list[int]) -> list[list[int]]:
+        """``items`` in runs of ``chunks_per_task``: one task each."""
+        step = self.chunks_per_task
+        return [items[i : i + step] for i in range(0, len(items), step)]
 
     @staticmethod
     def _gather(
@@ -294,19 +280,8 @@ def _finalize_task(options: dict[str, Any], model_id: int, estimator: Any) -> in
 
 
 def _topk_task(scores: Scores, k: int, chunks: list[int]) -> TopK:
-    """One Ray task: the top k of some row chunks (k is capped by their rows)."""
-    rows = sum(_rows(scores._models[0][0].store, c) for c in chunks)
-    return scores.topk(min(k, scores.shape[1]), rows=chunks) if rows else _empty(scores)
-
-
-def _empty(scores: Scores) -> TopK:
-    import numpy as np
-
-    from fasttrak.scoring import TopK
-
-    targets = scores.shape[0]
-    none = np.zeros((targets, 0), dtype=np.int64)
-    return TopK(none, np.zeros((targets, 0), np.float32), none, np.zeros((targets, 0), np.float32))
+    """One Ray task: the top k of some row chunks (all their rows when they have fewer)."""
+    return scores.topk(k, rows=chunks)
 
 
 def _save_task(scores: Scores, path: str, blocks: list[int]) -> int:

@@ -832,15 +832,7 @@ def _jsonish(value: Any) -> Any:
 
 def complete_records(ck: ModelStore) -> dict[int, ChunkRecord]:
     """The done marks of a model whose every chunk is done; NotFeaturizedError otherwise."""
-    records = ck.records()
-    missing = [c for c in range(ck.num_chunks) if c not in records]
-    if missing:
-        raise NotFeaturizedError(
-            f"model {ck.model_id} has {len(missing)} unfinished chunk(s) of training features "
-            f"(first: chunk {missing[0]}); rerun trak.featurize(...) with the same data and "
-            "checkpoints to finish them"
-        )
-    return records
+    return complete_models([ck])[0]
 
 
 def complete_models(models: list[ModelStore]) -> list[dict[int, ChunkRecord]]:
