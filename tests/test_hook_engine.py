@@ -540,6 +540,7 @@ def test_batch_encoding_batches_are_plain_dicts():
         dict(padding="same", padding_mode="replicate", dilation=2),
         dict(padding="valid", bias=False),
         dict(padding=(1, 2), padding_mode="circular", stride=2),
+        dict(stride=(2, 1), padding=(0, 1), dilation=(1, 2)),
     ],
 )
 def test_conv2d_variants_match_the_autograd_loop(conv):
@@ -558,7 +559,7 @@ def test_conv2d_variants_match_the_autograd_loop(conv):
 @pytest.mark.parametrize("groups", [1, 2])
 def test_conv2d_same_padding_matches_the_vmap_engine(mode, groups):
     """'same' padding with an even kernel (asymmetric padding) in every padding mode: the
-    conv2d rule pads explicitly and unfolds; a grouped convolution takes the local rule."""
+    conv2d rule pads explicitly; a grouped convolution takes the local rule."""
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 4, (2, 3), padding="same", padding_mode=mode, groups=groups)
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5 * 6, 3))
@@ -567,6 +568,19 @@ def test_conv2d_same_padding_matches_the_vmap_engine(mode, groups):
     names, grads = hook_parts(model, ImageClassification(), (x, y))
     expected = vmap_parts(model, ImageClassification(), (x, y), names)
     torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_conv2d_on_channels_last_input_matches_the_loop(rows):
+    """The batch folded into channels must follow the logical layout, not the memory one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(rows, 3, 4, 4).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (rows,))
+    names, grads = hook_parts(model, ImageClassification(), (x, y))
     torch.testing.assert_close(
         grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
     )

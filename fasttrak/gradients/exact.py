@@ -86,13 +86,21 @@ class HookGradients:
             for name, ly in self.layers.items()
         }
         self.recorder = Recorder(task, hooked)  # probes for batch-less layers once
+        self._buffers: dict[str, Tensor] = {}  # per parameter: (B_max, *shape), for reuse=True
 
     def parts(self, state: dict[str, Tensor], batch: Any) -> list[Tensor]:
         """One (B, p_i) float32 block per selected parameter, in selection order."""
         return self.parts_and_q(state, batch)[0]
 
-    def parts_and_q(self, state: dict[str, Tensor], batch: Any) -> tuple[list[Tensor], Tensor]:
-        """:meth:`parts`, and Q = ``task.out_to_loss`` (B,) float32 from the same forward."""
+    def parts_and_q(
+        self, state: dict[str, Tensor], batch: Any, reuse: bool = False
+    ) -> tuple[list[Tensor], Tensor]:
+        """:meth:`parts`, and Q = ``task.out_to_loss`` (B,) float32 from the same forward.
+
+        reuse: the parts may be written into buffers that this engine keeps and overwrites
+        on its next ``reuse=True`` call (the caller consumes them before that). Fresh
+        multi-megabyte tensors per batch cost a page fault per 4 KiB page on every
+        allocation (measured: half the time of a wide nn.Linear's per-example gradients)."""
         size = self.task.batch_size(batch)
         params = {n: t.detach() for n, t in state.items()}
         for name in self.selected:
@@ -131,8 +139,13 @@ class HookGradients:
             for call in calls:
                 if call.grad is None:
                     continue  # a call whose output did not reach f (or a checkpointing replay)
+                out = {}
+                if reuse:  # a buffer for the first call's gradient of each tensor
+                    for attr, name in layer.params.items():
+                        if name not in grads:
+                            out[attr] = self._buffer(name, (size, *params[name].shape), call)
                 with self.recorder.replay():  # a rule may re-run the layer: record nothing
-                    found = layer.rule.gradients(layer.module, call, list(layer.params), size)
+                    found = layer.rule.gradients(layer.module, call, list(layer.params), size, out)
                 for attr, part in found.items():
                     name = layer.params[attr]
                     if name in shared:
@@ -145,6 +158,20 @@ class HookGradients:
                 grad = torch.zeros((size, params[name].numel()), device=recording.f.device)
             out.append(grad.reshape(size, -1).float())
         return out, q
+
+    def _buffer(self, name: str, shape: tuple[int, ...], call: Any) -> Tensor:
+        """The first ``shape[0]`` rows of parameter ``name``'s reusable float32 buffer."""
+        device = call.grad.device
+        held = self._buffers.get(name)
+        if (
+            held is None
+            or held.shape[0] < shape[0]
+            or held.shape[1:] != shape[1:]
+            or (held.device != device)
+        ):
+            held = torch.empty(shape, device=device)
+            self._buffers[name] = held
+        return held[: shape[0]]
 
     def _shared(self, unbatched: dict[str, tuple[int, ...]]) -> set[str]:
         """The selected parameters of layers whose output has no batch dimension."""

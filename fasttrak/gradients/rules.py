@@ -13,9 +13,10 @@ Exact gradients (t over tokens / positions; 1 for flat inputs):
 
 - ``nn.Linear`` (W: out × in): ``∇W_i = Σ_t g_it a_itᵀ``, ``∇b_i = Σ_t g_it``;
 - Hugging Face ``Conv1D`` (GPT-2; W: in × out, y = a W + b): ``∇W_i = Σ_t a_it g_itᵀ``;
-- ``nn.Conv2d`` (groups 1): ``∇W_i = Σ_l g_il ⊗ patch_il`` over output positions l, the
-  patches from ``unfold`` (a padding mode other than zeros, and ``padding="same"``/``"valid"``,
-  are applied to the input first, as ``nn.Conv2d`` does);
+- ``nn.Conv2d`` (groups 1): ``∇W_i = Σ_l g_il ⊗ patch_il`` over output positions l,
+  computed for all examples at once as the weight gradient of one convolution with groups = B
+  (a padding mode other than zeros, and ``padding="same"``/``"valid"``, are applied to the
+  input first, as ``nn.Conv2d`` does);
 - ``nn.Embedding`` (W: vocab × dim): ``∇W_i[v] = Σ_{t: id_it = v} g_it`` (padding_idx rows 0);
 - any other layer (grouped Conv2d, Conv1d, LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval
   mode, embeddings with max_norm / scale_grad_by_freq / sparse, custom modules): the "local"
@@ -80,9 +81,15 @@ class Rule:
         return None
 
     def gradients(
-        self, module: nn.Module, call: Call, attrs: Sequence[str], size: int
+        self,
+        module: nn.Module,
+        call: Call,
+        attrs: Sequence[str],
+        size: int,
+        out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Per-example gradients ``(B, *shape)`` of ``module``'s tensors ``attrs``, one call."""
+        """Per-example gradients ``(B, *shape)`` of ``module``'s tensors ``attrs``, one call.
+        ``out``: float32 buffers ``(B, *shape)`` a rule may write into (or ignore)."""
         raise ConfigError(f"the {self.kind!r} rule has no exact gradient")
 
     def factor_sizes(self, module: nn.Module, weight: bool, bias: bool) -> tuple[int, int]:
@@ -117,20 +124,35 @@ class LinearRule(Rule):
         return isinstance(module, nn.Linear)
 
     def gradients(
-        self, module: nn.Module, call: Call, attrs: Sequence[str], size: int
+        self,
+        module: nn.Module,
+        call: Call,
+        attrs: Sequence[str],
+        size: int,
+        out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         assert call.grad is not None
         a = _tokens(per_example(call.input, size), size)  # (B, T, d_in)
         g = _tokens(call.grad, size)  # (B, T, d_out)
-        out: dict[str, Tensor] = {}
+        found: dict[str, Tensor] = {}
+        buffers = out or {}
         if "weight" in attrs:
-            out["weight"] = torch.einsum(self.spec, g, a)
+            if a.shape[1] == 1:  # one position: an outer product, cheaper than a bmm
+                g1, a1 = g[:, 0], a[:, 0]
+                rows, cols = (g1, a1) if self.spec.endswith("boi") else (a1, g1)
+                product = (rows[:, :, None], cols[:, None, :])
+                if "weight" in buffers:
+                    found["weight"] = torch.mul(*product, out=buffers["weight"])
+                else:
+                    found["weight"] = torch.mul(*product)
+            else:
+                found["weight"] = torch.einsum(self.spec, g, a)
         if "bias" in attrs:
-            out["bias"] = g.sum(1)
+            found["bias"] = g.sum(1)
         unknown = set(attrs) - {"weight", "bias"}
         if unknown:
             raise ConfigError(f"layer {call.layer!r} has unexpected parameters {sorted(unknown)}")
-        return out
+        return found
 
     def factor_sizes(self, module: nn.Module, weight: bool, bias: bool) -> tuple[int, int]:
         assert isinstance(module, nn.Linear)
@@ -188,12 +210,20 @@ class Conv2dRule(Rule):
         )
 
     def gradients(
-        self, module: nn.Module, call: Call, attrs: Sequence[str], size: int
+        self,
+        module: nn.Module,
+        call: Call,
+        attrs: Sequence[str],
+        size: int,
+        out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Patches by ``unfold`` (B, C·kh·kw, L) of the input as the convolution sees it."""
+        """The weight gradients of all B examples as ONE grouped convolution's weight
+        gradient: the batch folded into the channels, (1, B·C, H, W), with groups = B, so
+        that group i sees only example i's input and output gradient. This is the
+        convolution backward's own kernel (no unfold of (B, C·kh·kw, L) patches)."""
         assert isinstance(module, nn.Conv2d) and call.grad is not None
-        g = call.grad.reshape(size, call.grad.shape[1], -1).float()  # (B, O, L)
-        out: dict[str, Tensor] = {}
+        grad = call.grad.float()  # (B, O, H', W')
+        result: dict[str, Tensor] = {}
         if "weight" in attrs:
             x = per_example(call.input, size).float()
             padding: Any = module.padding
@@ -201,18 +231,26 @@ class Conv2dRule(Rule):
                 # As nn.Conv2d._conv_forward: pad explicitly, then convolve without padding.
                 mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
                 x = nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-                padding = 0
-            patches = nn.functional.unfold(
-                x,
-                module.kernel_size,
-                dilation=module.dilation,
-                padding=padding,
-                stride=module.stride,
-            )  # (B, C·kh·kw, L)
-            out["weight"] = torch.einsum("bol,bil->boi", g, patches)
+                padding = (0, 0)
+            shape = (size * module.out_channels, *module.weight.shape[1:])
+            weight = torch.zeros((), device=x.device).expand(shape)  # only its shape is read
+            weight_grad = torch.ops.aten.convolution_backward(
+                grad.reshape(1, -1, *grad.shape[2:]),
+                x.reshape(1, -1, *x.shape[2:]),
+                weight,
+                None,
+                list(module.stride),
+                list(padding),
+                list(module.dilation),
+                False,
+                [0, 0],
+                size,
+                [False, True, False],
+            )[1]
+            result["weight"] = weight_grad.view(size, *module.weight.shape)
         if "bias" in attrs:
-            out["bias"] = g.sum(2)
-        return out
+            result["bias"] = grad.sum((2, 3))
+        return result
 
     def factor_sizes(self, module: nn.Module, weight: bool, bias: bool) -> tuple[int, int]:
         assert isinstance(module, nn.Conv2d)
@@ -266,7 +304,12 @@ class EmbeddingRule(Rule):
         )
 
     def gradients(
-        self, module: nn.Module, call: Call, attrs: Sequence[str], size: int
+        self,
+        module: nn.Module,
+        call: Call,
+        attrs: Sequence[str],
+        size: int,
+        out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         assert isinstance(module, nn.Embedding) and call.grad is not None
         ids = per_example(call.input, size).reshape(size, -1)  # (B, T)
@@ -312,7 +355,12 @@ class LocalRule(Rule):
     keeps_all = True
 
     def gradients(
-        self, module: nn.Module, call: Call, attrs: Sequence[str], size: int
+        self,
+        module: nn.Module,
+        call: Call,
+        attrs: Sequence[str],
+        size: int,
+        out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         assert call.grad is not None
         size = call.grad.shape[0]

@@ -64,9 +64,12 @@ class VmapGradients:
         size = self.task.batch_size(batch)
         return [grads[name].reshape(size, -1).float() for name in self.selected]
 
-    def parts_and_q(self, state: dict[str, Tensor], batch: Any) -> tuple[list[Tensor], Tensor]:
+    def parts_and_q(
+        self, state: dict[str, Tensor], batch: Any, reuse: bool = False
+    ) -> tuple[list[Tensor], Tensor]:
         """:meth:`parts`, and Q = ``task.out_to_loss`` (B,) float32 from a batched no-grad
-        forward (vmap runs each example alone, so its forwards cannot serve Q)."""
+        forward (vmap runs each example alone, so its forwards cannot serve Q). ``reuse``
+        is accepted for the engines' common signature; vmap's parts are always fresh."""
         with torch.no_grad():
 
             def forward(*args: Any, **kwargs: Any) -> Any:

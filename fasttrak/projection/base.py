@@ -202,8 +202,10 @@ class GradientFeaturizer:
         qs: list[Tensor] = []
         start, stop, size = 0, 0, 0
         for rows, batch in batches:
+            # A batch projected before the next one is computed may use the engine's buffers.
+            now = not group and rows.stop - rows.start >= self.group_rows
             with record_function("fasttrak.gradients"):
-                parts, q = engine.parts_and_q(state, batch)
+                parts, q = engine.parts_and_q(state, batch, reuse=now)
             group.append(parts)
             qs.append(q)
             start = rows.start if size == 0 else start
@@ -226,11 +228,18 @@ class GradientFeaturizer:
                     batch[i] = None  # type: ignore[call-overload]
         group.clear()
         with record_function("fasttrak.project"):
-            return self.projector.project(parts)
+            features = self.projector.project(parts)
+        if any(_shares_memory(features, part) for part in parts):
+            features = features.clone()  # the parts may be the engine's reused buffers
+        return features
 
     def matrix(self) -> Tensor:
         """(p, k): the projector's explicit map, one gradient coordinate per row."""
         return self.projector.matrix()
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _numels(model: nn.Module, names: Sequence[str]) -> dict[str, int]:

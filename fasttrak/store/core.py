@@ -611,7 +611,7 @@ class ModelStore:
             )
         if existing is not None:  # left by weights this model id held before an overwrite
             self.files.delete(done_key(self.model_id, c))
-        stored = np.ascontiguousarray(features.astype(self.store.feature_dtype))
+        stored = np.ascontiguousarray(features.astype(self.store.feature_dtype, copy=False))
         if not np.isfinite(stored).all():
             raise NumericalError(
                 f"features of chunk {c} overflow {stored.dtype}; "
