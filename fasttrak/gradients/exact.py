@@ -139,13 +139,16 @@ class HookGradients:
             for call in calls:
                 if call.grad is None:
                     continue  # a call whose output did not reach f (or a checkpointing replay)
-                out = {}
+                buffers: dict[str, Tensor] = {}
                 if reuse:  # a buffer for the first call's gradient of each tensor
                     for attr, name in layer.params.items():
                         if name not in grads:
-                            out[attr] = self._buffer(name, (size, *params[name].shape), call)
+                            shape = (size, *params[name].shape)
+                            buffers[attr] = self._buffer(name, shape, call.grad.device)
                 with self.recorder.replay():  # a rule may re-run the layer: record nothing
-                    found = layer.rule.gradients(layer.module, call, list(layer.params), size, out)
+                    found = layer.rule.gradients(
+                        layer.module, call, list(layer.params), size, buffers
+                    )
                 for attr, part in found.items():
                     name = layer.params[attr]
                     if name in shared:
@@ -159,9 +162,8 @@ class HookGradients:
             out.append(grad.reshape(size, -1).float())
         return out, q
 
-    def _buffer(self, name: str, shape: tuple[int, ...], call: Any) -> Tensor:
+    def _buffer(self, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
         """The first ``shape[0]`` rows of parameter ``name``'s reusable float32 buffer."""
-        device = call.grad.device
         held = self._buffers.get(name)
         if (
             held is None
