@@ -641,3 +641,37 @@ def test_factored_refuses_layers_without_a_batch_dimension():
                                                          device="cpu")  # fmt: skip
     with pytest.raises(ValueError, match="no batch dimension"):
         projector.batch_features(load_state(model, None), ft.tasks.Seq2Seq(), batch)
+
+
+@dataclass
+class _PassThrough:
+    """A projector that returns its input: features alias the gradient parts."""
+
+    k: int
+    group_rows: int = 1
+
+    def project(self, grads):
+        return grads[0] if isinstance(grads, list) and len(grads) == 1 else torch.cat(grads, 1)
+
+    def matrix(self):
+        return torch.eye(self.k)
+
+
+@pytest.mark.parametrize("group_rows", [1, 3, 8])
+def test_reused_gradient_buffers_never_leak_into_features(group_rows):
+    """Batches projected at once reuse the engine's buffers: every batch's features must
+    still be its own, also when a projector hands back its input and when rows are grouped."""
+    from fasttrak.projection.base import GradientFeaturizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3, bias=False)).eval()
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    state = load_state(model, None)
+    task = ImageClassification()
+    featurizer = GradientFeaturizer(
+        _PassThrough(15, group_rows), model, ["0.weight"], ft.gradients.GradientMethod()
+    )
+    batches = [(slice(i, min(i + 3, 10)), (x[i : i + 3], y[i : i + 3])) for i in range(0, 10, 3)]
+    got = torch.cat([phi for _, phi, _ in featurizer.features(state, task, batches)])
+    expected = torch.cat(HookGradients(model, task, ["0.weight"]).parts(state, (x, y)), 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
