@@ -8,7 +8,7 @@ one store serves every estimator: pass ``estimator=`` to :meth:`fasttrak.TRAK.sc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -105,14 +105,35 @@ FactorCache = dict[tuple[int, str, str], np.ndarray]
 """Factors kept in memory, for stores that cannot cache them (read-only)."""
 
 
+GRAM_GROUP_CHUNKS = 16
+"""Row chunks per partial gram. The gram Φᵀ R Φ is summed (float64) as a fixed sequence of
+partial grams, one per group of this many consecutive chunks: any runner may compute the
+partials (in any order, on any worker) and their in-order sum has the same bits."""
+
+PartialGrams = Callable[
+    [ModelStore, dict[int, ChunkRecord], Estimator, list[range]], Iterable[np.ndarray]
+]
+"""How a runner computes the partial grams of one model: (model, records, estimator,
+groups) -> one (k, k) float64 partial per group, in the groups' order."""
+
+
+def gram_groups(num_chunks: int) -> list[range]:
+    """The consecutive chunk ranges whose partial grams sum to a model's gram."""
+    step = GRAM_GROUP_CHUNKS
+    return [range(c, min(c + step, num_chunks)) for c in range(0, num_chunks, step)]
+
+
 def kernel_factor(
     model: ModelStore,
     records: dict[int, ChunkRecord],
     estimator: Estimator,
     memory: FactorCache,
+    partial_grams: PartialGrams | None = None,
 ) -> np.ndarray:
     """Per-block Cholesky factors (B, s, s) of one model's kernel, built from these chunks
-    and cached in the store (in ``memory`` when the store is read-only)."""
+    and cached in the store (in ``memory`` when the store is read-only). The gram, when not
+    cached, is the in-order sum of the partial grams of :func:`gram_groups`, computed here
+    or by ``partial_grams`` (a runner's workers)."""
     k = model.store.k
     estimator = estimator.for_dim(k)
     gram_settings, factor_settings = estimator.gram_settings(), estimator.factor_settings()
@@ -125,7 +146,10 @@ def kernel_factor(
     gram = model.read_kernel("gram", gram_settings, records)
     writable = model.store.writable
     if gram is None:
-        gram = kernel_ops.gram(kernel_rows(model, records, estimator), k, estimator.precision)
+        compute = partial_grams or local_partial_grams
+        gram = np.zeros((k, k))
+        for partial in compute(model, records, estimator, gram_groups(model.num_chunks)):
+            gram += partial
         if writable:
             rows = max(1, min(k, 2**21 // k))  # chunks of <= 16 MiB
             model.write_kernel("gram", gram_settings, records, gram, (rows, k))
@@ -139,18 +163,57 @@ def kernel_factor(
     return factor
 
 
-def kernel_rows(
-    model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator
+def needs_gram(model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator) -> bool:
+    """True when neither this estimator's factor nor its gram is cached in the store."""
+    estimator = estimator.for_dim(model.store.k)
+    return (
+        model.read_kernel("factor", estimator.factor_settings(), records) is None
+        and model.read_kernel("gram", estimator.gram_settings(), records) is None
+    )
+
+
+def local_partial_grams(
+    model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator, groups: list[range]
 ) -> Iterator[np.ndarray]:
-    """Verified row chunks of Φ, or of R^½ Φ for the Gauss-Newton kernel."""
-    weights = None
+    """The partial grams of ``groups``, computed in this process one after another."""
+    weights = kernel_weights(model, records, estimator)
+    for chunks in groups:
+        yield partial_gram(model, records, estimator, chunks, weights)
+
+
+def partial_gram(
+    model: ModelStore,
+    records: dict[int, ChunkRecord],
+    estimator: Estimator,
+    chunks: range,
+    weights: np.ndarray | None,
+) -> np.ndarray:
+    """Σ over ``chunks`` of Φ_cᵀ R_c Φ_c, (k, k) float64 (products in the estimator's
+    precision); ``weights``: R^½ per training row from :func:`kernel_weights`."""
+    rows = kernel_rows(model, records, chunks, weights)
+    return kernel_ops.gram(rows, model.store.k, estimator.precision)
+
+
+def kernel_weights(
+    model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator
+) -> np.ndarray | None:
+    """R^½ (n,) float64 for the Gauss-Newton kernel (guarded against saturation, warns when
+    the guard acts), None for the plain kernel (which warns when Q is saturated)."""
     q = model.read_all("q", records)
-    if estimator.kernel == "gauss_newton":  # guarded against saturation; warns when it acts
-        r = kernel_ops.gauss_newton_weights(q, k=model.store.k, model=model.model_id)
-        weights = np.sqrt(r)
-    else:
-        kernel_ops.warn_if_saturated(q, model=model.model_id)
-    for c in range(model.num_chunks):
+    if estimator.kernel == "gauss_newton":
+        return np.sqrt(kernel_ops.gauss_newton_weights(q, k=model.store.k, model=model.model_id))
+    kernel_ops.warn_if_saturated(q, model=model.model_id)
+    return None
+
+
+def kernel_rows(
+    model: ModelStore,
+    records: dict[int, ChunkRecord],
+    chunks: Iterable[int],
+    weights: np.ndarray | None,
+) -> Iterator[np.ndarray]:
+    """Verified row chunks of Φ, or of R^½ Φ when ``weights`` (R^½ per row) are given."""
+    for c in chunks:
         block = np.asarray(model.read("features", records[c]), dtype=np.float32)
         if weights is not None:
             rows = model.chunk_slice(c)

@@ -497,7 +497,8 @@ class TRAK:
     ) -> None:
         """Build (or load) the kernel factor of every model in the store (or of
         ``model_ids``) for ``estimator`` (default :attr:`estimator`), each in one pass over
-        its stored features; with ``runner=ft.runners.Ray(...)`` one task per model."""
+        its stored features; with ``runner=ft.runners.Ray(...)`` that pass is split into
+        partial-gram tasks of 16 row chunks each, summed in order (the same bits)."""
         chosen = self._estimator(estimator)
         ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
         if runner is not None:

@@ -32,8 +32,11 @@ def closed_form(models, x_train, y_train, x_target, y_target, ridge):
     return (q / len(models))[None, :] * total / len(models), phi
 
 
-@pytest.mark.parametrize("num_models", [1, 3])
-def test_scores_equal_float64_closed_form(num_models):
+@pytest.mark.parametrize(
+    ("num_models", "chunk_rows"),
+    [(1, 16), (3, 16), (1, 2)],  # 2 rows per chunk: 20 chunks, two groups of partial grams
+)
+def test_scores_equal_float64_closed_form(num_models, chunk_rows):
     models = [make_mlp(seed=s) for s in range(num_models)]
     x, y = make_data(40, seed=1)
     xt, yt = make_data(6, seed=2)
@@ -44,7 +47,7 @@ def test_scores_equal_float64_closed_form(num_models):
         kernel="plain",
         ridge=ridge,
         precision="float64",
-        chunk_rows=16,
+        chunk_rows=chunk_rows,
         batch_size=7,
         progress=False,
     )

@@ -154,3 +154,46 @@ def test_a_dataset_factory_is_opened_on_the_workers(runner, reference, tmp_path)
     data = ft.runners.Factory(make_data, (150,))
     trak.featurize(data, checkpoints=CHECKPOINTS, runner=runner)
     assert_same_store(trak, reference[0])
+
+
+def test_ray_finalize_sums_partial_grams_to_the_in_process_bits(runner, tmp_path):
+    """30 row chunks: two groups of partial grams, computed by workers and summed in order
+    by the driver, give the in-process gram and factor bit for bit, for both kernels."""
+    from fasttrak.estimator import GRAM_GROUP_CHUNKS
+    from fasttrak.store.core import complete_models
+
+    def featurized(path: Path) -> ft.TRAK:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            trak = ft.TRAK(
+                make_mlp(), proj_dim=32, store=path, chunk_rows=5, batch_size=10, progress=False
+            )
+            trak.featurize(make_data(150), checkpoints=CHECKPOINTS)
+            return trak
+        finally:
+            torch.set_num_threads(threads)
+
+    local, remote = featurized(tmp_path / "local"), featurized(tmp_path / "remote")
+    assert local.store.num_chunks > GRAM_GROUP_CHUNKS
+    for estimator in (ft.Estimator(), ft.Estimator(kernel="plain", ridge=0.01)):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            local.finalize(estimator=estimator)
+        finally:
+            torch.set_num_threads(threads)
+        remote.finalize(estimator=estimator, runner=runner)
+        chosen = estimator.for_dim(local.k)
+        for m in (0, 1):
+            mine, theirs = local.store.model(m), remote.store.model(m)
+            (records,) = complete_models([mine])
+            (other,) = complete_models([theirs])
+            for kind, settings in (
+                ("gram", chosen.gram_settings()),
+                ("factor", chosen.factor_settings()),
+            ):
+                want = mine.read_kernel(kind, settings, records)
+                got = theirs.read_kernel(kind, settings, other)
+                assert want is not None and got is not None
+                np.testing.assert_array_equal(got, want)

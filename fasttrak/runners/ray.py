@@ -5,8 +5,10 @@ object from its constructor's arguments and runs ``featurize`` on its chunks wit
 checkpoint, which claims them through the store (docs/store.md), so a retried or duplicated
 task never writes a chunk twice and the store holds the same bits as an in-process run. A
 score call becomes one task per model id: its kernel factor (cached in the store) and the
-targets' features, solved; the driver averages them as ``Scores``. Ray retries a task
-whose worker dies; a task that raises (bad input) stops the run with its own error.
+targets' features, solved; the driver averages them as ``Scores``. A finalize call becomes
+(model id, group of row chunks) tasks, each a partial gram that the driver sums in order.
+Ray retries a task whose worker dies; a task that raises (bad input) stops the run with its
+own error.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class Ray:
         from fasttrak.scoring import Scores
 
         ray = self._connect(trak.store.location)
+        if trak.store.writable:  # the grams as parallel partials, cached for the solve tasks
+            self.finalize(trak, list(plan.ids), plan.estimator)
         options = ray.put(_worker_options(trak))
         targets = ray.put(plan.targets)
         remote = self._remote(ray, _solve_task)
@@ -161,18 +165,45 @@ class Ray:
 
     # ------------------------------------------------------------------ finalize
     def finalize(self, trak: TRAK, model_ids: list[int], estimator: Estimator) -> None:
+        """Every model's gram as partial grams over groups of row chunks (one task each,
+        :func:`fasttrak.estimator.gram_groups`), summed in order by the driver, which then
+        factors and caches it: the same bits as an in-process finalize."""
+        from fasttrak.estimator import gram_groups, kernel_factor, kernel_weights, needs_gram
+        from fasttrak.store.core import complete_models
+
         ray = self._connect(trak.store.location)
-        options = ray.put(_worker_options(trak))
-        remote = self._remote(ray, _finalize_task)
-        refs = {remote.remote(options, m, estimator): m for m in model_ids}
+        remote = self._remote(ray, _gram_task)
+        location = os.path.abspath(str(trak.store.location))
+        stored = [trak.store.model(m) for m in model_ids]
+        records = complete_models(stored)
+        partials: dict[int, list[Any]] = {}
+        refs: dict[Any, int] = {}
+        for model, done in zip(stored, records, strict=True):
+            if not needs_gram(model, done, estimator):
+                continue
+            weights = ray.put(kernel_weights(model, done, estimator))  # R^½ (n,), or None
+            for chunks in gram_groups(model.num_chunks):
+                part = {c: done[c] for c in chunks}
+                ref = remote.remote(
+                    location, model.model_id, model.fingerprint, part, estimator, chunks, weights
+                )
+                partials.setdefault(model.model_id, []).append(ref)
+                refs[ref] = model.model_id
         bar = tqdm(
             total=len(refs),
             desc="finalize (Ray tasks)",
-            unit="model",
+            unit="task",
             disable=not trak.show_progress,
         )
         with bar:
             self._gather(ray, refs, lambda m: bar.update(1))
+        for model, done in zip(stored, records, strict=True):
+            mine = partials.get(model.model_id)
+
+            def fetched(*_: Any, mine: list[Any] | None = mine) -> Any:
+                return (ray.get(ref) for ref in mine or ())
+
+            kernel_factor(model, done, estimator, trak._factors, fetched if mine else None)
 
     # ------------------------------------------------------------------ helpers
     def _connect(self, location: str | None) -> Any:
@@ -271,12 +302,22 @@ def _featurize_task(
     return len(chunks)
 
 
-def _finalize_task(options: dict[str, Any], model_id: int, estimator: Any) -> int:
-    """One Ray task: build (or find) one model's kernel factor in the store."""
-    from fasttrak.trak import TRAK
+def _gram_task(
+    location: str,
+    model_id: int,
+    fingerprint: str,
+    records: dict[int, Any],
+    estimator: Estimator,
+    chunks: range,
+    weights: Any,
+) -> Any:
+    """One Ray task: the partial gram (k, k) float64 of some row chunks of one model, read
+    (and verified against the driver's chunk records) from the store at ``location``."""
+    from fasttrak.estimator import partial_gram
+    from fasttrak.store.core import ModelStore, Store
 
-    TRAK(**options).finalize(model_ids=[model_id], estimator=estimator)
-    return model_id
+    model = ModelStore(Store.open_existing(location), model_id, fingerprint)
+    return partial_gram(model, records, estimator.for_dim(model.store.k), chunks, weights)
 
 
 def _topk_task(scores: Scores, k: int, chunks: list[int]) -> TopK:
