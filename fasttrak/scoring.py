@@ -164,13 +164,17 @@ class Scores:
             total *= torch.from_numpy(self.q_mean[rows]).double()[:, None] / len(self._solved)
             yield c, rows, total.T.float().numpy()
 
-    def numpy(self) -> np.ndarray:
-        """The dense (n_targets, n_train) float32 matrix."""
+    def numpy(self, runner: Runner | None = None) -> np.ndarray:
+        """The dense (n_targets, n_train) float32 matrix (computed once, then kept).
+        ``runner=ft.runners.Ray(...)``: row chunks computed by workers in parallel."""
         if self._dense is None:
-            dense = np.empty(self.shape, dtype=np.float32)
-            for rows, block in self.chunks():
-                dense[:, rows] = block
-            self._dense = dense
+            if runner is not None:
+                self._dense = check_runner(runner).dense(self)
+            else:
+                dense = np.empty(self.shape, dtype=np.float32)
+                for rows, block in self.chunks():
+                    dense[:, rows] = block
+                self._dense = dense
         return self._dense
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:

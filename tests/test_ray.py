@@ -72,6 +72,8 @@ def test_ray_featurize_finalize_and_score_give_the_in_process_bits(runner, refer
     trak.finalize(runner=runner)
     scores = np.asarray(trak.score(make_data(4, seed=1), runner=runner))
     np.testing.assert_array_equal(scores, reference[1])
+    dense = trak.score(make_data(4, seed=1)).numpy(runner=runner)  # the product on workers
+    np.testing.assert_array_equal(dense, reference[1])
     top = trak.score(make_data(4, seed=1)).topk(7, runner=runner)
     want = reference[0].score(make_data(4, seed=1)).topk(7)
     np.testing.assert_array_equal(top.proponents, want.proponents)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from fasttrak.errors import ConfigTypeError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from fasttrak.estimator import Estimator
     from fasttrak.scoring import Scores, TopK
     from fasttrak.trak import TRAK, FeaturizePlan, ScorePlan
@@ -26,6 +28,10 @@ class Runner(Protocol):
     def finalize(self, trak: TRAK, model_ids: list[int], estimator: Estimator) -> None: ...
 
     def topk(self, scores: Scores, k: int) -> TopK: ...
+
+    def dense(self, scores: Scores) -> np.ndarray:
+        """The dense (n_targets, n_train) float32 scores, computed by the runner."""
+        ...
 
     def save_writer(self, scores: Scores) -> Callable[[str, list[int]], None]:
         """A writer for ``Scores.save``: computes and writes these column blocks."""

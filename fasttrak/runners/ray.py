@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from fasttrak.ensembles import DropoutMask
@@ -152,6 +153,24 @@ class Ray:
         parts: dict[int, TopK] = {}
         self._gather(ray, refs, lambda i: None, results=parts)
         return TopK.merge([parts[i] for i in sorted(parts)], k)
+
+    def dense(self, scores: Scores) -> np.ndarray:
+        """The dense (n_targets, n_train) float32 scores, row chunks computed by workers in
+        groups of ``chunks_per_task`` (each reading its features), assembled here."""
+        store = scores._models[0][0].store
+        ray = self._connect(store.location)
+        shipped, remote = ray.put(scores), self._remote(ray, _dense_task)
+        groups = self._groups(list(range(store.num_chunks)))
+        tasks = [remote.remote(shipped, group) for group in groups]
+        refs = {ref: i for i, ref in enumerate(tasks)}
+        out = np.empty(scores.shape, dtype=np.float32)
+
+        def fill(i: int) -> None:  # as each task finishes: its blocks into place
+            for rows, block in ray.get(tasks[i]):
+                out[:, rows] = block
+
+        self._gather(ray, refs, fill)
+        return out
 
     def save_writer(self, scores: Scores) -> Callable[[str, list[int]], None]:
         def write(path: str, blocks: list[int]) -> None:
@@ -323,6 +342,12 @@ def _gram_task(
 def _topk_task(scores: Scores, k: int, chunks: list[int]) -> TopK:
     """One Ray task: the top k of some row chunks (all their rows when they have fewer)."""
     return scores.topk(k, rows=chunks)
+
+
+def _dense_task(scores: Scores, chunks: list[int]) -> list[tuple[slice, Any]]:
+    """One Ray task: the score columns (n_targets, rows) of some row chunks."""
+    skip = set(range(scores._models[0][0].num_chunks)) - set(chunks)
+    return list(scores.chunks(skip))
 
 
 def _save_task(scores: Scores, path: str, blocks: list[int]) -> int:
