@@ -474,8 +474,8 @@ class TRAK:
     @staticmethod
     def _check_finite(values: Tensor, start: int, m: int) -> None:
         """Raise NonFiniteGradientError naming the training rows whose values are NaN/inf."""
-        if bool(torch.isfinite(values.sum(dtype=torch.float64))):
-            return  # one reduction; NaN and inf propagate (float64: no overflow of finite sums)
+        if bool(torch.isfinite(values.sum())):
+            return  # one reduction: NaN and inf propagate (an overflow is checked below)
         finite = torch.isfinite(values)
         finite = finite.all(dim=1) if finite.ndim == 2 else finite
         if not finite.all():

@@ -169,3 +169,21 @@ def test_a_bad_label_past_the_first_batch_is_named_by_the_task(options):
     trak = ft.TRAK(make_mlp(), proj_dim=8, progress=False, **options)
     with pytest.raises(ft.DataError, match=r"labels must lie in \[0, 3\)"):
         trak.featurize((x, y))
+
+
+def test_the_finite_check_names_bad_rows_and_passes_sums_that_only_overflow():
+    """The check is one sum first: a sum that overflows (finite values) must not raise,
+    and NaN or inf anywhere must name its rows."""
+    from fasttrak.trak import TRAK
+
+    big = torch.full((4, 3), 3e38)
+    TRAK._check_finite(big, 0, 0)  # finite, though their float32 sum is inf
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        values = torch.ones(5, 3)
+        values[3, 1] = bad
+        with pytest.raises(ft.NonFiniteGradientError, match=r"rows \[13\]"):
+            TRAK._check_finite(values, 10, 0)
+        q = torch.ones(5)
+        q[2] = bad
+        with pytest.raises(ft.NonFiniteGradientError, match=r"rows \[12\]"):
+            TRAK._check_finite(q, 10, 0)
