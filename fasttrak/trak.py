@@ -53,8 +53,9 @@ from fasttrak.store.files import held
 from fasttrak.store.info import Progress
 from fasttrak.store.info import progress as store_progress
 from fasttrak.store.verify import repair as repair_store
-from fasttrak.tasks import ImageClassification, Task
+from fasttrak.tasks import Task
 from fasttrak.tasks.base import bind_task
+from fasttrak.tasks.registry import resolve_task
 from fasttrak.validation import is_int, positive_int
 
 
@@ -64,7 +65,10 @@ class TRAK:
     Args:
         model: the architecture; its weights come from the checkpoints given to
             :meth:`featurize` (the model itself is never modified).
-        task: what is attributed (default :class:`~fasttrak.tasks.ImageClassification`).
+        task: what is attributed: a task object (default
+            :class:`~fasttrak.tasks.ImageClassification`) or its name,
+            ``"image_classification"``, ``"text_classification"``, ``"language_modeling"``
+            (``"causal_lm"``), ``"seq2seq"`` (``"clip"`` needs ``ft.tasks.CLIP(negatives=)``).
         proj_dim: k, the projected feature dimension.
         projector: ``"srht"`` (default: block subsampled randomized Hadamard), ``"sjlt"``
             (sparse JL), ``"dense"`` (Rademacher, the reference TRAK projection),
@@ -107,7 +111,7 @@ class TRAK:
     def __init__(
         self,
         model: nn.Module,
-        task: Task | None = None,
+        task: Task | str | None = None,
         proj_dim: int = 2048,
         projector: str | ProjectorConfig = "srht",
         store: str | Path | None = None,
@@ -129,10 +133,6 @@ class TRAK:
         """The constructor's arguments (a runner rebuilds this object from them on workers)."""
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(task, type):
-            raise ConfigTypeError(
-                f"task={task.__name__} is a class; pass an instance: {task.__name__}()"
-            )
         if feature_dtype not in FEATURE_DTYPES:
             raise ConfigError(
                 f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}"
@@ -145,7 +145,7 @@ class TRAK:
             raise ConfigTypeError(f"seed must be an integer, got {seed!r}")
         seed = int(seed)
         self.model = model
-        self.task: Task = task if task is not None else ImageClassification()
+        self.task: Task = resolve_task(task)
         self.device = torch.device(device)
         self.seed = seed
         self.batch_size = batch_size

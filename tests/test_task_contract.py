@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+import fasttrak as ft
 from fasttrak.tasks import (
     CLIP,
     ImageClassification,
@@ -248,3 +249,31 @@ def test_spec_is_json_able_stable_and_unchanged_by_bind(case):
     assert rebound.spec() == spec
     if not callable(getattr(task, "bind", None)):
         assert rebound is task  # bind_task leaves tasks without state as they are
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("image_classification", ft.tasks.ImageClassification),
+        ("text_classification", ft.tasks.TextClassification),
+        ("Text-Classification", ft.tasks.TextClassification),
+        ("language_modeling", ft.tasks.LanguageModeling),
+        ("causal_lm", ft.tasks.LanguageModeling),
+        ("seq2seq", ft.tasks.Seq2Seq),
+    ],
+)
+def test_a_task_name_builds_its_task(name, kind):
+    trak = ft.TRAK(torch.nn.Linear(3, 2), task=name, progress=False)
+    assert type(trak.task) is kind
+
+
+def test_bad_task_names_and_objects_say_what_to_pass():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ft.ConfigError, match="unknown task 'regression'.*image_classification"):
+        ft.TRAK(model, task="regression")
+    with pytest.raises(ft.ConfigError, match=r"CLIP\(negatives="):
+        ft.TRAK(model, task="clip")
+    with pytest.raises(ft.ConfigTypeError, match="is a class; pass an instance"):
+        ft.TRAK(model, task=ft.tasks.ImageClassification)
+    with pytest.raises(ft.ConfigTypeError, match="lacks"):
+        ft.TRAK(model, task=object())

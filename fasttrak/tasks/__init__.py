@@ -5,6 +5,7 @@ from fasttrak.tasks.base import Task, bind_task
 from fasttrak.tasks.classification import ImageClassification
 from fasttrak.tasks.clip import CLIP
 from fasttrak.tasks.language import LanguageModeling, Seq2Seq, labels_after_prompt
+from fasttrak.tasks.registry import TASKS, resolve_task
 from fasttrak.tasks.text import TextClassification
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "Seq2Seq",
     "labels_after_prompt",
     "CLIP",
+    "TASKS",
+    "resolve_task",
 ]
