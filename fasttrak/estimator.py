@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 from torch import Tensor
@@ -38,19 +38,26 @@ class Estimator:
         groups of k / B) and averages the B estimates, a virtual ensemble. None: 4 when
         k >= 1024 (blocks of >= 256 coordinates), else 1.
     precision: ``"float32"`` or ``"float64"`` products when building the kernel (always
-        summed in float64).
+        summed in float64); ``"auto"`` (default): float64 for a model with fewer training
+        rows than k, float32 otherwise. With n < k the kernel is λ I on the k - n
+        directions no training feature spans; float32 rounding of the weighted rows leaks
+        into them and a small ridge amplifies it (relative error ~1e-8 / ridge: 1e-4 at
+        ridge 1e-4, 1e-2 at 1e-6; float64: 5e-8 at every ridge, tests/test_oracle.py), at
+        twice the cost of a gram that is then small (n k² flops with n < k).
     """
 
     kernel: kernel_ops.Weighting = "gauss_newton"
     ridge: float = kernel_ops.DEFAULT_RIDGE
     kernel_blocks: int | None = None
-    precision: kernel_ops.Precision = "float32"
+    precision: Literal["auto", "float32", "float64"] = "auto"
 
     def __post_init__(self) -> None:
         if self.kernel not in kernel_ops.WEIGHTINGS:
             raise ConfigError(f"kernel must be one of {kernel_ops.WEIGHTINGS}, got {self.kernel!r}")
-        if self.precision not in ("float32", "float64"):
-            raise ConfigError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+        if self.precision not in ("auto", "float32", "float64"):
+            raise ConfigError(
+                f"precision must be 'auto', 'float32' or 'float64', got {self.precision!r}"
+            )
         ridge = self.ridge
         if (
             isinstance(ridge, bool)
@@ -77,6 +84,18 @@ class Estimator:
         kernel_ops.block_slices(k, blocks)  # raises for a bad number of blocks
         return replace(self, kernel_blocks=blocks)
 
+    def for_rows(self, num_rows: int, k: int) -> Estimator:
+        """This estimator with ``precision="auto"`` decided for a model of ``num_rows``
+        training rows and feature dimension ``k``: float64 when num_rows < k."""
+        if self.precision != "auto":
+            return self
+        return replace(self, precision="float64" if num_rows < k else "float32")
+
+    def resolved(self, model: ModelStore) -> Estimator:
+        """:meth:`for_dim` and :meth:`for_rows` for one stored model."""
+        k = model.store.k
+        return self.for_dim(k).for_rows(model.num_rows, k)
+
     @property
     def blocks(self) -> int:
         """The number of kernel blocks (call :meth:`for_dim` first when it is None)."""
@@ -86,6 +105,10 @@ class Estimator:
 
     def gram_settings(self) -> dict[str, Any]:
         """What keys a cached gram: it is rebuilt when any of it changes."""
+        if self.precision == "auto":
+            raise ConfigError(
+                "precision='auto' is not decided yet: call estimator.resolved(model) first"
+            )
         gram: dict[str, Any] = {"kernel": self.kernel, "precision": self.precision}
         if self.kernel == "gauss_newton":  # grams of other guards (or none) are not reused
             gram["guard"] = kernel_ops.GAUSS_NEWTON_GUARD
@@ -135,7 +158,7 @@ def kernel_factor(
     cached, is the in-order sum of the partial grams of :func:`gram_groups`, computed here
     or by ``partial_grams`` (a runner's workers)."""
     k = model.store.k
-    estimator = estimator.for_dim(k)
+    estimator = estimator.resolved(model)
     gram_settings, factor_settings = estimator.gram_settings(), estimator.factor_settings()
     memory_key = (model.model_id, sources_of(records), str(sorted(factor_settings.items())))
     if memory_key in memory:
@@ -165,7 +188,7 @@ def kernel_factor(
 
 def needs_gram(model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator) -> bool:
     """True when neither this estimator's factor nor its gram is cached in the store."""
-    estimator = estimator.for_dim(model.store.k)
+    estimator = estimator.resolved(model)
     return (
         model.read_kernel("factor", estimator.factor_settings(), records) is None
         and model.read_kernel("gram", estimator.gram_settings(), records) is None
@@ -190,8 +213,10 @@ def partial_gram(
 ) -> np.ndarray:
     """Σ over ``chunks`` of Φ_cᵀ R_c Φ_c, (k, k) float64 (products in the estimator's
     precision); ``weights``: R^½ per training row from :func:`kernel_weights`."""
-    rows = kernel_rows(model, records, chunks, weights)
-    return kernel_ops.gram(rows, model.store.k, estimator.precision)
+    precision = estimator.resolved(model).precision
+    dtype = np.float64 if precision == "float64" else np.float32
+    rows = kernel_rows(model, records, chunks, weights, dtype)
+    return kernel_ops.gram(rows, model.store.k, cast(kernel_ops.Precision, precision))
 
 
 def kernel_weights(
@@ -211,13 +236,16 @@ def kernel_rows(
     records: dict[int, ChunkRecord],
     chunks: Iterable[int],
     weights: np.ndarray | None,
+    dtype: type[np.floating] = np.float32,
 ) -> Iterator[np.ndarray]:
-    """Verified row chunks of Φ, or of R^½ Φ when ``weights`` (R^½ per row) are given."""
+    """Verified row chunks of Φ, or of R^½ Φ when ``weights`` (R^½ per row) are given, in
+    ``dtype`` (float64 keeps R^½ Φ in the row space of Φ to float64 rounding: with k > n and
+    a tiny ridge, float32 rounding of the weighted rows leaks into the null space)."""
     for c in chunks:
-        block = np.asarray(model.read("features", records[c]), dtype=np.float32)
+        block = np.asarray(model.read("features", records[c]), dtype=dtype)
         if weights is not None:
             rows = model.chunk_slice(c)
-            block = block * weights[rows].astype(np.float32)[:, None]
+            block = block * weights[rows].astype(dtype)[:, None]
         yield block
 
 

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -88,7 +88,8 @@ class TRAK:
         ridge: relative ridge, λ = ridge · trace(Φᵀ Φ) / min(n, k) (default
             :data:`fasttrak.kernel.DEFAULT_RIDGE`).
         precision: ``"float32"`` or ``"float64"`` products when building the kernel
-            (always summed in float64).
+            (always summed in float64); ``"auto"`` (default): float64 for models with
+            fewer training rows than k (see :class:`~fasttrak.Estimator`).
         kernel: ``"gauss_newton"`` (default: Φᵀ R Φ with R = p (1 - p) = Q (1 - Q) per
             training example; influence functions on convex models) or ``"plain"`` (Φᵀ Φ,
             the paper's). Chosen at scoring time: the stored features serve both.
@@ -122,7 +123,7 @@ class TRAK:
         chunk_rows: int | None = None,
         feature_dtype: str = "float32",
         ridge: float = kernel_ops.DEFAULT_RIDGE,
-        precision: kernel_ops.Precision = "float32",
+        precision: Literal["auto", "float32", "float64"] = "auto",
         kernel: kernel_ops.Weighting = "gauss_newton",
         kernel_blocks: int | None = None,
         engine: str = "auto",

@@ -78,7 +78,9 @@ def test_stored_factor_is_per_block(tmp_path):
     trak.featurize((x, y))
     trak.finalize()
     ck = trak.store.model(0)
-    factor = ck.read_kernel("factor", trak.estimator.factor_settings(), complete_records(ck))
+    factor = ck.read_kernel(
+        "factor", trak.estimator.resolved(ck).factor_settings(), complete_records(ck)
+    )
     assert factor.shape == (4, 8, 8)  # 30 = 8 + 7 + 7 + 8 coordinates: 256 entries, not 900
 
 

@@ -60,7 +60,7 @@ def test_scores_equal_float64_closed_form(num_models, chunk_rows):
     # The stored features and kernel of the last model are the exact ones too.
     ck = trak.store.model(num_models - 1)
     np.testing.assert_allclose(ck.features(), phi_last, rtol=1e-5, atol=1e-6)
-    gram = ck.read_kernel("gram", trak.estimator.gram_settings(), complete_records(ck))
+    gram = ck.read_kernel("gram", trak.estimator.resolved(ck).gram_settings(), complete_records(ck))
     np.testing.assert_allclose(gram, phi_last.T @ phi_last, rtol=1e-5, atol=1e-6)
 
 
@@ -155,7 +155,10 @@ def test_kernel_options_share_one_store(tmp_path):
     b = np.asarray(other.score((x[:3], y[:3]), checkpoints=[model.state_dict()]))
     assert not np.allclose(a, b)
     ck = other.store.model(0)
-    assert ck.read_kernel("gram", other.estimator.gram_settings(), complete_records(ck)) is not None
+    assert (
+        ck.read_kernel("gram", other.estimator.resolved(ck).gram_settings(), complete_records(ck))
+        is not None
+    )
     again = ft.TRAK(model, proj_dim=16, store=tmp_path, progress=False)
     np.testing.assert_allclose(np.asarray(again.score((x[:3], y[:3]), checkpoints=[model])), a)
 
@@ -203,3 +206,39 @@ def test_scoring_a_subset_of_the_stored_models():
     np.testing.assert_allclose(np.asarray(by_checkpoints), subset)
     with pytest.raises(ValueError, match="distinct stored model ids"):
         trak.score((xt, yt), model_ids=[0, 5])
+
+
+@pytest.mark.parametrize("kernel", ["plain", "gauss_newton"])
+@pytest.mark.parametrize("ridge", [1e-6, 1e-9])
+def test_fewer_rows_than_k_match_the_dual_float64_form_at_tiny_ridges(kernel, ridge):
+    """k = p = 483 > n = 24: the kernel is λ I on the directions no training feature spans, so
+    a small ridge puts |φ|/λ into K⁻¹ φ(target); the scores must still equal the float64 dual
+    form S = Φ_t Φᵀ (R Φ Φᵀ + λ I)⁻¹ ⊙ Q̄ (n × n, exact up to float64 rounding)."""
+    model = make_mlp(seed=3, d_in=20, hidden=20, classes=3)
+    x, y = make_data(24, d_in=20, seed=4)
+    xt, yt = make_data(5, d_in=20, seed=5)
+    trak = ft.TRAK(
+        make_mlp(d_in=20, hidden=20, classes=3),
+        projector="identity",
+        kernel=kernel,
+        ridge=ridge,
+        precision="float64",
+        progress=False,
+    )
+    trak.featurize((x, y), checkpoints=[model.state_dict()])
+    scores = np.asarray(trak.score((xt, yt), checkpoints=[model.state_dict()]), np.float64)
+    ck = trak.store.model(0)
+    records = complete_records(ck)
+    phi = ck.features().astype(np.float64)  # (n, k), k > n
+    phi_t = loop_gradients(model, xt, yt, select_parameters(model)).double().numpy()
+    q = ck.q().astype(np.float64)
+    from fasttrak.estimator import kernel_weights
+
+    weights = kernel_weights(ck, records, trak.estimator)
+    r = np.ones_like(q) if weights is None else weights.astype(np.float64) ** 2
+    assert phi.shape[1] > phi.shape[0]
+    dual = phi @ phi.T
+    lam = ridge * np.trace(r[:, None] * dual) / phi.shape[0]  # ridge relative to trace / n
+    expected = np.linalg.solve(dual * r[None, :] + lam * np.eye(len(q)), (phi_t @ phi.T).T).T
+    expected *= q[None, :]
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

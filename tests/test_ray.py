@@ -186,9 +186,9 @@ def test_ray_finalize_sums_partial_grams_to_the_in_process_bits(runner, tmp_path
         finally:
             torch.set_num_threads(threads)
         remote.finalize(estimator=estimator, runner=runner)
-        chosen = estimator.for_dim(local.k)
         for m in (0, 1):
             mine, theirs = local.store.model(m), remote.store.model(m)
+            chosen = estimator.resolved(mine)
             (records,) = complete_models([mine])
             (other,) = complete_models([theirs])
             for kind, settings in (
