@@ -251,6 +251,29 @@ def _with_rows(content: np.ndarray, start: int) -> np.ndarray:
     return _fmix(content + _fmix(index))
 
 
+def row_hashes(batch: Any, rows: np.ndarray) -> np.ndarray:
+    """The row fingerprints (np.uint64 (B,)) of a collated batch whose examples are the
+    training rows ``rows`` (B,): what ``TRAK.featurize`` records for a TensorDataset of these
+    tensors (a tuple of tensors), or for a dataset whose items are the batch's rows. For
+    callers that featurize batch by batch (``fasttrak.compat.trak``) into the same store."""
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(t, Tensor) for t in batch):
+        content = _tensor_content(tuple(batch))
+    else:
+        size = len(rows)
+        items = [
+            tree_map(
+                lambda t, i=i: (
+                    t[i] if isinstance(t, Tensor) and t.ndim and t.shape[0] == size else t
+                ),
+                batch,
+            )
+            for i in range(size)
+        ]
+        content = _content_hashes(items)
+    index = rows.astype(np.uint64) * _GOLDEN
+    return _fmix(content + _fmix(index))
+
+
 def chunk_fingerprint(hashes: np.ndarray) -> str:
     """A 16-hex-digit digest of a chunk's row hashes (uint64 (rows,)), in order."""
     data = np.ascontiguousarray(hashes, dtype="<u8").tobytes()
