@@ -34,7 +34,7 @@ from fasttrak.errors import (
 )
 from fasttrak.estimator import Estimator
 from fasttrak.kernel import SaturationWarning
-from fasttrak.scoring import Scores, TopK, soft_threshold
+from fasttrak.scoring import SavedScores, Scores, TopK, soft_threshold
 from fasttrak.shards import Shard, shard
 from fasttrak.store.api import load_scores, repair_store, store_info, verify_store
 from fasttrak.trak import TRAK, Features
@@ -61,6 +61,7 @@ __all__ = [
     "ReadOnlyStoreError",
     "RunnerError",
     "SaturationWarning",
+    "SavedScores",
     "Scores",
     "ScoresExistError",
     "Shard",

@@ -210,9 +210,6 @@ class Scores:
             )
         if runner is not None:
             return check_runner(runner).topk(self, int(k))
-        best_s = np.full((n_targets, 0), -np.inf, dtype=np.float32)
-        best_i = np.zeros((n_targets, 0), dtype=np.int64)
-        worst_s, worst_i = -best_s, best_i.copy()
         num_chunks = self._models[0][0].num_chunks
         chosen = select_chunks(rows, num_chunks)
         skip = frozenset(range(num_chunks)) - set(chosen)
@@ -220,14 +217,13 @@ class Scores:
             source: Iterable[tuple[slice, np.ndarray]] = [(slice(0, n), self._dense)]
         else:
             source = self.chunks(skip)
-        for span, block in source:
-            index = np.broadcast_to(np.arange(span.start, span.stop), block.shape)
-            best_s, best_i = _keep_top(np.hstack([best_s, block]), np.hstack([best_i, index]), k)
-            neg_s, worst_i = _keep_top(
-                np.hstack([-worst_s, -block]), np.hstack([worst_i, index]), k
-            )
-            worst_s = -neg_s
-        return TopK(best_i, best_s, worst_i, worst_s)
+        return _topk_of(source, n_targets, int(k))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SavedScores:
+        """Scores saved by :meth:`save`, read back verified: ``numpy()``, ``chunks()`` and
+        ``topk(k)`` as on computed scores (no store or model needed)."""
+        return SavedScores(path)
 
     def identity(self) -> str:
         """A digest of everything these scores are computed from: the store, the models'
@@ -260,6 +256,64 @@ class Scores:
             overwrite=overwrite,
             writer=None if runner is None else check_runner(runner).save_writer(self),
         )
+
+
+class SavedScores:
+    """Scores read back from :meth:`Scores.save` (via :meth:`Scores.load`): the dense
+    (n_targets, n_train) float32 array, verified against its checksums when loaded."""
+
+    def __init__(self, path: str | Path) -> None:
+        from fasttrak.store.saved import load_scores
+
+        self.path = Path(path)
+        self._dense = load_scores(self.path)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self._dense.shape[0]), int(self._dense.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        n_targets, n_train = self.shape
+        return f"SavedScores({str(self.path)!r}, n_targets={n_targets}, n_train={n_train})"
+
+    def numpy(self) -> np.ndarray:
+        """The dense (n_targets, n_train) float32 matrix."""
+        return self._dense
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return self._dense if dtype is None else self._dense.astype(dtype)
+
+    def chunks(self, rows: int = 4096) -> Iterator[tuple[slice, np.ndarray]]:
+        """Yield (train row slice, scores (n_targets, rows)) over the training set."""
+        rows = positive_int("rows", rows)
+        for start in range(0, self.shape[1], rows):
+            span = slice(start, min(start + rows, self.shape[1]))
+            yield span, self._dense[:, span]
+
+    def topk(self, k: int) -> TopK:
+        """The k highest (proponents) and k lowest (opponents) scores of every target."""
+        n_targets, n = self.shape
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise ConfigError(
+                f"k must be an integer in [1, {n}] (the number of training examples), got {k!r}"
+            )
+        return _topk_of([(slice(0, n), self._dense)], n_targets, int(k))
+
+
+def _topk_of(source: Iterable[tuple[slice, np.ndarray]], n_targets: int, k: int) -> TopK:
+    """Top k of each target over column blocks (train row slice, (n_targets, rows))."""
+    best_s = np.full((n_targets, 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((n_targets, 0), dtype=np.int64)
+    worst_s, worst_i = -best_s, best_i.copy()
+    for span, block in source:
+        index = np.broadcast_to(np.arange(span.start, span.stop), block.shape)
+        best_s, best_i = _keep_top(np.hstack([best_s, block]), np.hstack([best_i, index]), k)
+        neg_s, worst_i = _keep_top(np.hstack([-worst_s, -block]), np.hstack([worst_i, index]), k)
+        worst_s = -neg_s
+    return TopK(best_i, best_s, worst_i, worst_s)
 
 
 def _reopen(

@@ -6,6 +6,7 @@ This is the only module that knows models, tasks, projections and the store toge
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +36,16 @@ from fasttrak.errors import (
     NonFiniteGradientError,
     NotFeaturizedError,
 )
-from fasttrak.estimator import Estimator, FactorCache, kernel_factor, solve_targets
+from fasttrak.estimator import (
+    Estimator,
+    FactorCache,
+    PartialGrams,
+    gram_groups,
+    kernel_factor,
+    local_partial_grams,
+    needs_gram,
+    solve_targets,
+)
 from fasttrak.gradients import (
     GradientMethod,
     ParamSpec,
@@ -57,6 +67,9 @@ from fasttrak.tasks import Task
 from fasttrak.tasks.base import bind_task
 from fasttrak.tasks.registry import resolve_task
 from fasttrak.validation import is_int, positive_int
+
+logger = logging.getLogger(__name__)
+"""fasttrak's decisions (engine, projection, estimator, work planned) at INFO."""
 
 
 class TRAK:
@@ -187,6 +200,22 @@ class TRAK:
         self._checkpoints: dict[int, _Checkpoint] = {}  # by model id, from the last featurize
         self._featurizer_of: tuple[int, Featurizer] | None = None  # only the current model's
         self._factors: FactorCache = {}  # when the store is read-only
+        logger.info(
+            "TRAK: %d parameters in %d tensors -> k = %d by %s; engine %s on %s; default "
+            "estimator %s; store %s (%d rows per chunk, %s features)",
+            sum(self.param_numels.values()),
+            len(self.params),
+            self.k,
+            self.layout.spec,
+            self.engine,
+            self.device,
+            self.estimator,
+            self.store.location or "in memory",
+            self.store.chunk_rows,
+            feature_dtype,
+        )
+        if self.excluded:
+            logger.info("parameters left out by the projector: %s", self.excluded)
 
     @property
     def selected(self) -> list[str]:
@@ -239,7 +268,19 @@ class TRAK:
         plan = self._plan(
             train_set, checkpoints, batch_size, overwrite, model_ids, repair, check_data, rows
         )
+        for m in plan.ids:
+            todo = plan.pending[m]
+            logger.info(
+                "featurize model %d: %s",
+                m,
+                "complete"
+                if todo == []
+                else "pending chunks"
+                if todo is None
+                else f"{len(todo)} chunks",
+            )
         if runner is not None:
+            logger.info("featurize on %s", runner)
             check_runner(runner).featurize(self, plan)
         else:
             for m, ckpt in zip(plan.ids, plan.checkpoints, strict=True):
@@ -506,8 +547,19 @@ class TRAK:
             check_runner(runner).finalize(self, ids, chosen)
             return
         stored = [self.store.model(m) for m in ids]
-        for model, records in zip(stored, complete_models(stored), strict=True):
-            kernel_factor(model, records, chosen, self._factors)
+        records = complete_models(stored)
+        groups = sum(
+            len(gram_groups(model.num_chunks))
+            for model, done in zip(stored, records, strict=True)
+            if needs_gram(model, done, chosen)
+        )
+        bar = tqdm(
+            total=groups, desc="finalize (gram)", unit="group", disable=not self.show_progress
+        )
+        logger.info("finalize models %s with %s: %d partial grams to build", ids, chosen, groups)
+        with bar:
+            for model, done in zip(stored, records, strict=True):
+                kernel_factor(model, done, chosen, self._factors, _counted(bar))
 
     def self_influence(
         self, model_ids: Sequence[int] | None = None, estimator: Estimator | None = None
@@ -582,9 +634,25 @@ class TRAK:
         is computed: None (this process) or ``ft.runners.Ray(...)``.
         """
         plan = self._score_plan(targets, checkpoints, batch_size, model_ids, estimator, models)
+        logger.info(
+            "score %d targets against models %s with %s",
+            len(plan.target_rows),
+            plan.ids,
+            plan.estimator,
+        )
         if runner is not None:
             return check_runner(runner).score(self, plan)
-        solved = [self._solve(plan, i) for i in range(len(plan.ids))]
+        bar = tqdm(
+            total=len(plan.ids),
+            desc=f"score {len(plan.target_rows)} targets",
+            unit="model",
+            disable=not self.show_progress,
+        )
+        solved = []
+        with bar:
+            for i in range(len(plan.ids)):
+                solved.append(self._solve(plan, i))
+                bar.update(1)
         return Scores(list(zip(plan.stored, plan.records, strict=True)), solved)
 
     def _score_plan(
@@ -775,6 +843,22 @@ class ScorePlan:
 
 
 CHECK_DATA = ("auto", "full", "sample")
+
+
+def _counted(bar: Any) -> PartialGrams:
+    """In-process partial grams that advance ``bar`` by one per group."""
+
+    def partials(
+        model: ModelStore,
+        records: dict[int, ChunkRecord],
+        estimator: Estimator,
+        groups: list[range],
+    ) -> Iterator[np.ndarray]:
+        for partial in local_partial_grams(model, records, estimator, groups):
+            yield partial
+            bar.update(1)
+
+    return partials
 
 
 def _renamed_ids(

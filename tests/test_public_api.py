@@ -169,3 +169,41 @@ def _trak_scores_in_memory(train, targets):
     trak = _trak()
     trak.featurize(train, checkpoints=_checkpoints(1))
     return trak.score(targets)
+
+
+def test_decisions_are_logged_and_finalize_and_score_show_progress(caplog, capsys):
+    import logging
+
+    x, y = make_data(40)
+    with caplog.at_level(logging.INFO, logger="fasttrak"):
+        trak = ft.TRAK(make_mlp(), proj_dim=16, chunk_rows=8, progress=True)
+        trak.featurize((x, y))
+        trak.finalize()
+        trak.score((x[:3], y[:3]))
+    logged = caplog.text
+    for expected in ("k = 16 by", "engine hooks", "featurize model 0", "finalize models [0]"):
+        assert expected in logged
+    assert "score 3 targets against models [0]" in logged
+    err = capsys.readouterr().err
+    assert "finalize (gram)" in err and "score 3 targets" in err
+
+
+def test_saved_scores_load_back_with_topk_and_chunks(tmp_path):
+    x, y = make_data(30)
+    trak = ft.TRAK(make_mlp(), proj_dim=8, chunk_rows=8, progress=False)
+    trak.featurize((x, y))
+    scores = trak.score((x[:4], y[:4]))
+    scores.save(tmp_path / "scores")
+    loaded = ft.Scores.load(tmp_path / "scores")
+    assert isinstance(loaded, ft.SavedScores) and loaded.shape == (4, 30) and len(loaded) == 4
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(scores))
+    want, got = scores.topk(5), loaded.topk(5)
+    for field in ("proponents", "proponent_scores", "opponents", "opponent_scores"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    blocks = list(loaded.chunks(rows=7))
+    assert [b.shape[1] for _, b in blocks] == [7, 7, 7, 7, 2]
+    np.testing.assert_array_equal(np.hstack([b for _, b in blocks]), np.asarray(scores))
+    with pytest.raises(ft.ConfigError, match="k must be an integer"):
+        loaded.topk(0)
+    with pytest.raises(ft.StoreError, match="no saved scores"):
+        ft.Scores.load(tmp_path / "nothing")
