@@ -6,7 +6,7 @@ trak.featurize(train_set, checkpoints=[ckpt0, ckpt1])
 scores = trak.score(target_set)      # ft.Scores, np.asarray(scores): (n_targets, n_train)
 """
 
-from fasttrak import evaluate, projection, report, runners, tasks
+from fasttrak import cleaning, evaluate, projection, report, runners, tasks
 from fasttrak.ensembles import DropoutMask, dropout_ensemble
 from fasttrak.errors import (
     CheckpointMismatchError,
@@ -74,6 +74,7 @@ __all__ = [
     "UnsupportedModelError",
     "DropoutMask",
     "dropout_ensemble",
+    "cleaning",
     "evaluate",
     "report",
     "load_scores",

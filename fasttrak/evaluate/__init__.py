@@ -1,7 +1,9 @@
-"""Evaluation of data attribution: random subsets, retraining ground truth and the LDS."""
+"""Evaluation of data attribution: random subsets, retraining ground truth, the LDS and the
+counterfactual removal check."""
 
 from fasttrak.evaluate.lds import LDSResult, lds
+from fasttrak.evaluate.removal import RemovalResult, removal
 from fasttrak.evaluate.retrain import retrain
 from fasttrak.evaluate.subsets import sample_subsets
 
-__all__ = ["LDSResult", "lds", "retrain", "sample_subsets"]
+__all__ = ["LDSResult", "RemovalResult", "lds", "removal", "retrain", "sample_subsets"]
