@@ -33,7 +33,8 @@ class Estimator:
 
     kernel: ``"gauss_newton"`` (Φᵀ R Φ with R = Q (1 - Q) per training example; influence
         functions on convex models) or ``"plain"`` (Φᵀ Φ, the paper's).
-    ridge: relative ridge, λ = ridge · trace(Φᵀ R Φ) / min(n, k).
+    ridge: relative ridge, λ = ridge · trace(Φᵀ R Φ) / min(n, k, p) (p: the attributed
+        parameters), a fraction of the kernel's mean nonzero eigenvalue.
     kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
         groups of k / B) and averages the B estimates, a virtual ensemble. None: 4 when
         k >= 1024 (blocks of >= 256 coordinates), else 1.
@@ -119,7 +120,7 @@ class Estimator:
         return {
             **self.gram_settings(),
             "ridge": self.ridge,
-            "relative_to": "trace/min(n,k)",
+            "relative_to": "trace/min(n,k,p)",
             "blocks": self.blocks,
         }
 
@@ -177,7 +178,12 @@ def kernel_factor(
             rows = max(1, min(k, 2**21 // k))  # chunks of <= 16 MiB
             model.write_kernel("gram", gram_settings, records, gram, (rows, k))
     factor = kernel_ops.block_diagonal_factor(
-        gram, estimator.ridge, model.num_rows, estimator.blocks, weighting=estimator.kernel
+        gram,
+        estimator.ridge,
+        model.num_rows,
+        estimator.blocks,
+        weighting=estimator.kernel,
+        num_params=model.store.num_params,
     )
     if writable:
         model.write_kernel("factor", factor_settings, records, factor, (1, *factor.shape[1:]))

@@ -44,8 +44,8 @@ GAUSS_NEWTON_GUARD = {"guard": "effective_rows", "fraction": GUARD_FRACTION}
 (e.g. by a fasttrak without the guard) must not be reused."""
 
 DEFAULT_RIDGE = 0.1
-"""Default relative ridge: λ = ridge · trace(Φᵀ Φ) / min(n, k), a fraction of the mean
-*nonzero* eigenvalue of the kernel (Φᵀ Φ has at most min(n, k) of them). Scale-free: features
+"""Default relative ridge: λ = ridge · trace(Φᵀ Φ) / min(n, k, p), a fraction of the mean
+*nonzero* eigenvalue of the kernel (Φᵀ Φ has at most min(n, k, p) of them). Scale-free: features
 may be rescaled freely. Chosen from the LDS sweep in docs/estimator.md."""
 
 
@@ -161,15 +161,20 @@ def warn_if_saturated(q: np.ndarray, model: int | None = None) -> Saturation:
     return sat
 
 
-def ridge_value(gram_matrix: np.ndarray, ridge: float, num_rows: int) -> float:
-    """λ = ridge · trace(G) / min(n, k): the absolute ridge added to the diagonal.
+def ridge_value(
+    gram_matrix: np.ndarray, ridge: float, num_rows: int, num_params: int | None = None
+) -> float:
+    """λ = ridge · trace(G) / min(n, k, p): the absolute ridge added to the diagonal.
 
-    G = Φᵀ Φ (k, k) built from ``num_rows`` = n rows; trace(G) / min(n, k) is the mean of its
-    (at most min(n, k)) nonzero eigenvalues, so the best relative ridge does not drift with k.
+    G = Φᵀ Φ (k, k) built from ``num_rows`` = n rows of features projected from ``num_params``
+    = p gradient coordinates (None: unknown, taken as >= k). G has at most min(n, k, p)
+    nonzero eigenvalues (a projection to k > p adds none), and trace(G) / min(n, k, p) is
+    their mean, so the best relative ridge drifts neither with k nor with n when p is small.
     """
     if ridge < 0:
         raise ConfigError(f"ridge must be >= 0, got {ridge}")
-    return float(ridge * np.trace(gram_matrix) / min(num_rows, gram_matrix.shape[0]))
+    rank = min(num_rows, gram_matrix.shape[0], num_params or gram_matrix.shape[0])
+    return float(ridge * np.trace(gram_matrix) / rank)
 
 
 def gauss_newton_weights(
@@ -282,9 +287,10 @@ def block_diagonal_factor(
     num_rows: int,
     blocks: int = 1,
     weighting: Weighting | None = None,
+    num_params: int | None = None,
 ) -> np.ndarray:
     """Lower Cholesky factors of the B diagonal blocks G_bb + λ_b I of the kernel, one per
-    :func:`block_slices` range, λ_b = ``ridge_value(G_bb, ridge, n)``; blocks=1 is the full
+    :func:`block_slices` range, λ_b = ``ridge_value(G_bb, ridge, n, p)``; blocks=1 is the full
     kernel. Only the diagonal blocks of ``gram_matrix`` are read.
 
     Returns (B, s, s) float64, s the largest block size (⌈k / B⌉ or ⌊k / B⌋ + 1): a block of
@@ -297,15 +303,21 @@ def block_diagonal_factor(
     factor = np.zeros((len(parts), size, size), dtype=np.float64)
     for b, part in enumerate(parts):
         s = part.stop - part.start
-        factor[b, :s, :s] = cholesky_factor(gram_matrix[part, part], ridge, num_rows, weighting)
+        factor[b, :s, :s] = cholesky_factor(
+            gram_matrix[part, part], ridge, num_rows, weighting, num_params
+        )
         factor[b, range(s, size), range(s, size)] = 1.0
     return factor
 
 
 def cholesky_factor(
-    gram_matrix: np.ndarray, ridge: float, num_rows: int, weighting: Weighting | None = None
+    gram_matrix: np.ndarray,
+    ridge: float,
+    num_rows: int,
+    weighting: Weighting | None = None,
+    num_params: int | None = None,
 ) -> np.ndarray:
-    """Lower Cholesky factor L of G + λ I in float64, λ = ``ridge_value(G, ridge, n)``.
+    """Lower Cholesky factor L of G + λ I in float64, λ = ``ridge_value(G, ridge, n, p)``.
 
     ``weighting``: the kernel G was built for (``"plain"``: Φᵀ Φ, ``"gauss_newton"``: Φᵀ R Φ),
     or None if unknown; it only makes the error for a zero kernel name the right cause.
@@ -314,7 +326,7 @@ def cholesky_factor(
         raise NumericalError("the kernel has NaN/inf entries; the stored features are corrupt")
     if np.trace(gram_matrix) <= 0:
         raise NumericalError(_zero_kernel_message(weighting))
-    lam = ridge_value(gram_matrix, ridge, num_rows)
+    lam = ridge_value(gram_matrix, ridge, num_rows, num_params)
     matrix = torch.from_numpy(gram_matrix) + lam * torch.eye(
         gram_matrix.shape[0], dtype=torch.float64
     )

@@ -98,7 +98,7 @@ class TRAK:
         chunk_rows: training rows per store chunk, the unit of resumable work
             (default 512; taken from the store when it exists).
         feature_dtype: ``"float32"`` or ``"float16"`` storage of the features.
-        ridge: relative ridge, λ = ridge · trace(Φᵀ Φ) / min(n, k) (default
+        ridge: relative ridge, λ = ridge · trace(Φᵀ Φ) / min(n, k, p) (default
             :data:`fasttrak.kernel.DEFAULT_RIDGE`).
         precision: ``"float32"`` or ``"float64"`` products when building the kernel
             (always summed in float64); ``"auto"`` (default): float64 for models with

@@ -252,6 +252,11 @@ class Store:
         return dict(self._run["meta"])
 
     @property
+    def num_params(self) -> int:
+        """p: the number of attributed gradient coordinates the features are projected from."""
+        return sum(math.prod(shape) for shape in self.meta["params"].values())
+
+    @property
     def format_version(self) -> int:
         return int(self._run.get("format_version", 0))
 

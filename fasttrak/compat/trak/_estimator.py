@@ -2,8 +2,8 @@
 
 traker scores with φ(target)ᵀ (ΦᵀΦ + λ I)⁻¹ Φᵀ per model, λ = ``lambda_reg`` in the units of
 its features (projected gradients divided by √p). fasttrak's :class:`~fasttrak.Estimator`
-takes a *relative* ridge, λ = ridge · trace(ΦᵀΦ) / min(n, k), so an absolute λ becomes, per
-model, ridge = λ · min(n, k) / trace(ΦᵀΦ): the gram is built (and cached in the store) first,
+takes a *relative* ridge, λ = ridge · trace(ΦᵀΦ) / min(n, k, p), so an absolute λ becomes,
+per model, ridge = λ · min(n, k, p) / trace(ΦᵀΦ): the gram is built (and cached in the store) first,
 its trace read, then the factor built (and cached) by fasttrak's own
 :func:`~fasttrak.estimator.kernel_factor`. With λ = 0 and a singular kernel (fewer training
 rows than features), the solve takes the pseudo-inverse, the λ → 0 limit of the ridge.
@@ -92,7 +92,8 @@ def solver(
     gram = plain_gram(model, records, precision)
     trace = float(np.trace(gram))
     _check_trace(model, trace)
-    ridge = lam * min(n, k) / trace  # fasttrak's relative ridge for this absolute λ
+    rank = min(n, k, model.store.num_params)  # fasttrak's ridge is relative to trace / rank
+    ridge = lam * rank / trace  # fasttrak's relative ridge for this absolute λ
     try:
         estimator = Estimator("plain", ridge, 1, precision)
         return Solver(kernel_factor(model, records, estimator, memory))
