@@ -666,7 +666,7 @@ def kernel_and_scores(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     product, _ = timed(stream)
     top, _ = timed(lambda: scores.topk(100))
     influence, _ = timed(lambda: trak.self_influence())
-    blocks = trak.estimator.blocks
+    blocks = trak.estimator.resolved(trak.store.model(0)).blocks
     return {
         "n": n,
         "k": k,

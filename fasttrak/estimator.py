@@ -22,9 +22,15 @@ from fasttrak.store.core import sources_of
 from fasttrak.validation import positive_int
 
 DEFAULT_KERNEL_BLOCKS = 4
-"""Kernel blocks when k >= 1024. Measured (docs/lds_vs_cost.md): with Gauss-Newton at
-k = 1024, 4 blocks add ~0.04 LDS at 5 models on an MLP and a CNN; blocks of 64 coordinates
-(k = 256) lose 0.05-0.17, hence no blocks below k = 1024."""
+"""Kernel blocks when k >= 1024 and n < BLOCKS_MAX_ROWS_PER_DIM · k. Measured
+(docs/lds_vs_cost.md): with Gauss-Newton at k = 1024, 4 blocks add ~0.04 LDS at 5 models on
+an MLP and a CNN; blocks of 64 coordinates (k = 256) lose 0.05-0.17, hence no blocks below
+k = 1024. On the quality suite (docs/quality.md) they add 0.01-0.12 where n <= 2k and cost
+0.05 where n = 4.9k and 9.8k (n = 10,000): with many more rows than coordinates the kernel is
+well determined and the blocks only drop its cross-block part."""
+
+BLOCKS_MAX_ROWS_PER_DIM = 2
+"""Default kernel blocks only while n < this · k (see :data:`DEFAULT_KERNEL_BLOCKS`)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class Estimator:
         parameters), a fraction of the kernel's mean nonzero eigenvalue.
     kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
         groups of k / B) and averages the B estimates, a virtual ensemble. None: 4 when
-        k >= 1024 (blocks of >= 256 coordinates), else 1.
+        k >= 1024 (blocks of >= 256 coordinates) and n < 2k, else 1.
     precision: ``"float32"`` or ``"float64"`` products when building the kernel (always
         summed in float64); ``"auto"`` (default): float64 for a model with fewer training
         rows than k, float32 otherwise. With n < k the kernel is λ I on the k - n
@@ -77,31 +83,39 @@ class Estimator:
             )
 
     def for_dim(self, k: int) -> Estimator:
-        """This estimator with ``kernel_blocks`` decided for feature dimension ``k``
-        (raises ConfigError when k cannot be split into that many blocks)."""
-        blocks = self.kernel_blocks
-        if blocks is None:
-            blocks = DEFAULT_KERNEL_BLOCKS if k >= 1024 else 1
-        kernel_ops.block_slices(k, blocks)  # raises for a bad number of blocks
-        return replace(self, kernel_blocks=blocks)
+        """This estimator checked for feature dimension ``k``: raises ConfigError when k
+        cannot be split into ``kernel_blocks`` blocks. The default (None) is decided with
+        the number of training rows, by :meth:`for_rows`."""
+        if self.kernel_blocks is not None:
+            kernel_ops.block_slices(k, self.kernel_blocks)  # raises for a bad number
+        return self
 
     def for_rows(self, num_rows: int, k: int) -> Estimator:
-        """This estimator with ``precision="auto"`` decided for a model of ``num_rows``
-        training rows and feature dimension ``k``: float64 when num_rows < k."""
-        if self.precision != "auto":
-            return self
-        return replace(self, precision="float64" if num_rows < k else "float32")
+        """This estimator with its defaults decided for a model of ``num_rows`` training
+        rows and feature dimension ``k``: ``precision="auto"`` is float64 when num_rows < k;
+        ``kernel_blocks=None`` is :data:`DEFAULT_KERNEL_BLOCKS` when k >= 1024 and
+        num_rows < :data:`BLOCKS_MAX_ROWS_PER_DIM` · k, else 1."""
+        chosen = self.for_dim(k)
+        if chosen.kernel_blocks is None:
+            many_rows = num_rows >= BLOCKS_MAX_ROWS_PER_DIM * k
+            blocks = DEFAULT_KERNEL_BLOCKS if k >= 1024 and not many_rows else 1
+            chosen = replace(chosen, kernel_blocks=blocks)
+        if chosen.precision == "auto":
+            chosen = replace(chosen, precision="float64" if num_rows < k else "float32")
+        return chosen
 
     def resolved(self, model: ModelStore) -> Estimator:
-        """:meth:`for_dim` and :meth:`for_rows` for one stored model."""
-        k = model.store.k
-        return self.for_dim(k).for_rows(model.num_rows, k)
+        """:meth:`for_rows` for one stored model."""
+        return self.for_rows(model.num_rows, model.store.k)
 
     @property
     def blocks(self) -> int:
-        """The number of kernel blocks (call :meth:`for_dim` first when it is None)."""
+        """The number of kernel blocks (call :meth:`resolved` first when it is None)."""
         if self.kernel_blocks is None:
-            raise ConfigError("kernel_blocks is not decided yet: call estimator.for_dim(k)")
+            raise ConfigError(
+                "kernel_blocks is not decided yet: call estimator.resolved(model) (or "
+                "for_rows(n, k)) first"
+            )
         return self.kernel_blocks
 
     def gram_settings(self) -> dict[str, Any]:
@@ -258,4 +272,5 @@ def kernel_rows(
 def solve_targets(factor: np.ndarray, phi: Tensor, estimator: Estimator) -> Tensor:
     """K⁻¹ φ(targets) averaged over the kernel's blocks: (k, n_targets) from phi
     (n_targets, k), i.e. Σ_b K_bb⁻¹ φ_b / B."""
-    return kernel_ops.solve(factor, phi.cpu().T) / estimator.blocks
+    blocks = factor.shape[0] if factor.ndim == 3 else 1
+    return kernel_ops.solve(factor, phi.cpu().T) / blocks

@@ -33,7 +33,7 @@ def self_influence(
             :class:`fasttrak.scoring.Scores` takes them.
         factors: each model's per-block Cholesky factors (B, s, s) from
             :func:`fasttrak.estimator.kernel_factor` for ``estimator``.
-        estimator: the (resolved, ``for_dim(k)``) estimator the factors were built for;
+        estimator: the estimator the factors were built for (resolved here for the store);
             its number of kernel blocks B divides the sum over blocks.
 
     Equal to the diagonal of ``np.asarray(trak.score(train_rows))`` (to float32 rounding:
@@ -46,7 +46,7 @@ def self_influence(
         raise ConfigError("need one kernel factor per model, and at least one model")
     first = models[0][0]
     k, n = first.store.k, first.num_rows
-    estimator = estimator.for_dim(k)
+    estimator = estimator.resolved(first)
     blocks = estimator.blocks
     parts = kernel_ops.block_slices(k, blocks)
     tensors = []

@@ -78,8 +78,14 @@ def test_estimator_values_are_checked_with_the_fix():
         ft.Estimator(kernel_blocks=2.0)
     with pytest.raises(ft.ConfigError, match="kernel_blocks"):
         ft.Estimator(kernel_blocks=32).for_dim(16)  # more blocks than coordinates
-    assert ft.Estimator().for_dim(2048).kernel_blocks == 4
-    assert ft.Estimator().for_dim(512).kernel_blocks == 1
+    assert ft.Estimator().for_dim(2048).kernel_blocks is None  # decided with the rows
+    assert ft.Estimator().for_rows(1000, 2048).kernel_blocks == 4
+    assert ft.Estimator().for_rows(4095, 2048).kernel_blocks == 4
+    assert ft.Estimator().for_rows(4096, 2048).kernel_blocks == 1  # n >= 2k: no blocks
+    assert ft.Estimator().for_rows(1000, 512).kernel_blocks == 1
+    assert ft.Estimator(kernel_blocks=2).for_rows(10**6, 2048).kernel_blocks == 2
+    with pytest.raises(ft.ConfigError, match="resolved"):
+        _ = ft.Estimator().blocks
     with pytest.raises(ft.ConfigTypeError, match="ft.Estimator"):
         _trak().score(torch.zeros(1, 5), estimator={"ridge": 0.1})
 
