@@ -393,11 +393,12 @@ def test_a_nan_input_row_gives_non_finite_features_in_that_row_only(case, engine
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matrix_and_features_equal_cpu(case):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cuda_matrix_and_features_equal_cpu(case, engine):
     model, data, selected, _ = case.build()
-    _, cpu = make(case, model, selected, seed=9)
+    _, cpu = make(case, model, selected, seed=9, engine=engine)
     gpu_model = MODELS[case.model][0]().cuda()  # the same seeded model, on the GPU
-    _, gpu = make(case, gpu_model, selected, seed=9, device="cuda")
+    _, gpu = make(case, gpu_model, selected, seed=9, device="cuda", engine=engine)
     torch.testing.assert_close(gpu.matrix().cpu(), cpu.matrix(), rtol=1e-5, atol=1e-6)
     x, y = data(10, seed=4)
     want = run(cpu, model, x, y, 4)
