@@ -1,8 +1,10 @@
-"""Input checks the evaluation modules share: integer options and subset masks."""
+"""What the evaluation modules share: input checks (integer options, subset masks) and
+reading their cached outputs back."""
 
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 import numpy as np
 
@@ -36,3 +38,19 @@ def check_masks(masks: object) -> np.ndarray:
             "if nonzero means 'in the subset'"
         )
     return arr.astype(bool)
+
+
+def load_cached(path: Path, shape: tuple[int | None, ...]) -> np.ndarray | None:
+    """The cached float array at ``path`` as float64, or None when there is none; DataError
+    (saying to delete the file) when it is unreadable, of another shape, or not finite."""
+    if not path.exists():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read cached {path} ({err}); delete that file") from err
+    if arr.shape != shape or not np.isfinite(arr).all():
+        raise DataError(
+            f"cached {path} has shape {arr.shape} (expected {shape}, all finite); delete that file"
+        )
+    return arr.astype(np.float64, copy=False)

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fasttrak.errors import ConfigError, ConfigTypeError, DataError, DataTypeError
-from fasttrak.evaluate.common import check_int
+from fasttrak.evaluate.common import check_int, load_cached
 from fasttrak.evaluate.retrain import TrainFn, _atomic_write
 from fasttrak.scoring import Scores
 
@@ -392,19 +392,7 @@ class _RunCache:
         return self.dir / f"run_{run}.npy"
 
     def load(self, run: str) -> np.ndarray | None:
-        path = self.path(run)
-        if not path.exists():
-            return None
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read cached {path} ({err}); delete that file") from err
-        if arr.shape != (self.n_targets,) or not np.isfinite(arr).all():
-            raise DataError(
-                f"cached {path} has shape {arr.shape} (expected ({self.n_targets},), all "
-                "finite); delete that file"
-            )
-        return arr.astype(np.float64, copy=False)
+        return load_cached(self.path(run), (self.n_targets,))
 
     def save(self, run: str, arr: np.ndarray) -> None:
         with _atomic_write(self.path(run)) as f:

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fasttrak.errors import ConfigError, ConfigTypeError, DataError, DataTypeError
-from fasttrak.evaluate.common import check_int, check_masks
+from fasttrak.evaluate.common import check_int, check_masks, load_cached
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -181,20 +181,7 @@ class _Cache:
 
     def load(self, subset: int) -> np.ndarray | None:
         """Return the cached (seeds_per_subset, n_targets) array of ``subset``, or None."""
-        path = self.path(subset)
-        if not path.exists():
-            return None
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read cached {path} ({err}); delete that file") from err
-        expected = (self.seeds_per_subset, self.n_targets)
-        if arr.shape != expected or not np.isfinite(arr).all():
-            raise DataError(
-                f"cached {path} has shape {arr.shape} (expected {expected}, all finite); "
-                "delete that file"
-            )
-        return arr.astype(np.float64, copy=False)
+        return load_cached(self.path(subset), (self.seeds_per_subset, self.n_targets))
 
     def save(self, subset: int, arr: np.ndarray) -> None:
         """Atomically write the (seeds_per_subset, n_targets) results of ``subset``."""
