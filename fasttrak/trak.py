@@ -600,9 +600,14 @@ class TRAK:
             return stored
         if isinstance(model_ids, (int, np.integer)):
             raise ConfigTypeError(f"model_ids= takes a list of ids: [{model_ids}]")
-        ids = list(model_ids)
+        ids = list(model_ids) if isinstance(model_ids, Sequence) else [model_ids]
         if not all(is_int(m) for m in ids):
-            raise ConfigTypeError(f"model_ids= must list integer model ids, got {ids}")
+            kinds = sorted({type(m).__name__ for m in ids if not is_int(m)})
+            raise ConfigTypeError(
+                f"model_ids= must list integer model ids, got {type(model_ids).__name__} "
+                f"holding {', '.join(kinds)}; the training data is read from the store (pass "
+                "no dataset here: e.g. trak.self_influence() or trak.self_influence([0, 1]))"
+            )
         ids = [int(m) for m in ids]
         unknown = sorted(set(ids) - set(stored))
         if unknown or not ids or len(set(ids)) != len(ids):

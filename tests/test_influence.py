@@ -109,3 +109,9 @@ def test_a_subset_of_models_and_the_function_itself(tmp_path):
         self_influence([(stored, records)], [factor[:2]], trak.estimator)
     with pytest.raises(ConfigError, match="one kernel factor per model"):
         self_influence([(stored, records)], [], trak.estimator)
+
+
+def test_a_dataset_passed_as_model_ids_says_the_data_comes_from_the_store(tmp_path):
+    trak, (x, y) = featurized(tmp_path, kernel="plain", kernel_blocks=1, feature_dtype="float32")
+    with pytest.raises(ft.ConfigTypeError, match="read from the store"):
+        trak.self_influence((x, y))
