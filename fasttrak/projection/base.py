@@ -181,6 +181,7 @@ class GradientFeaturizer:
     model: nn.Module
     params: list[str]
     gradients: GradientMethod
+    _engine: tuple[Task, Any] | None = field(default=None, init=False, repr=False)
 
     @property
     def k(self) -> int:
@@ -197,7 +198,7 @@ class GradientFeaturizer:
     def features(
         self, state: dict[str, Tensor], task: Task, batches: Batches
     ) -> Iterator[tuple[slice, Tensor, Tensor]]:
-        engine = self.gradients.build(self.model, task, self.params)
+        engine = self._engine_for(task)
         group: list[list[Tensor]] = []  # per batch: per-parameter gradient parts (B, p_i)
         qs: list[Tensor] = []
         start, stop, size = 0, 0, 0
@@ -215,6 +216,14 @@ class GradientFeaturizer:
                 qs, size = [], 0
         if group:
             yield slice(start, stop), self._project(group), torch.cat(qs)
+
+    def _engine_for(self, task: Task) -> Any:
+        """The gradient engine of this (bound) task, kept across calls with the same task
+        object (one checkpoint's chunks): its probe of batch-less layers and its reusable
+        gradient buffers then serve every chunk, not just one."""
+        if self._engine is None or self._engine[0] is not task:
+            self._engine = (task, self.gradients.build(self.model, task, self.params))
+        return self._engine[1]
 
     def _project(self, group: list[list[Tensor]]) -> Tensor:
         """Project a group of batches, emptying ``group``."""
