@@ -207,11 +207,12 @@ def kernel_factor(
 
 
 def needs_gram(model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator) -> bool:
-    """True when neither this estimator's factor nor its gram is cached in the store."""
+    """True when neither this estimator's factor nor its gram is cached in the store
+    (looked up, not read: :func:`kernel_factor` reads and verifies what it uses)."""
     estimator = estimator.resolved(model)
-    return (
-        model.read_kernel("factor", estimator.factor_settings(), records) is None
-        and model.read_kernel("gram", estimator.gram_settings(), records) is None
+    return not (
+        model.has_kernel("factor", estimator.factor_settings(), records)
+        or model.has_kernel("gram", estimator.gram_settings(), records)
     )
 
 

@@ -204,10 +204,7 @@ class Scores:
         streamed over the training rows (only the row chunks ``rows``, when given).
         ``runner=ft.runners.Ray(...)``: row chunks scored by workers, merged exactly."""
         n_targets, n = self.shape
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-            raise ConfigError(
-                f"k must be an integer in [1, {n}] (the number of training examples), got {k!r}"
-            )
+        _check_k(k, n)
         if runner is not None:
             return check_runner(runner).topk(self, int(k))
         num_chunks = self._models[0][0].num_chunks
@@ -296,11 +293,16 @@ class SavedScores:
     def topk(self, k: int) -> TopK:
         """The k highest (proponents) and k lowest (opponents) scores of every target."""
         n_targets, n = self.shape
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-            raise ConfigError(
-                f"k must be an integer in [1, {n}] (the number of training examples), got {k!r}"
-            )
+        _check_k(k, n)
         return _topk_of([(slice(0, n), self._dense)], n_targets, int(k))
+
+
+def _check_k(k: object, n: int) -> None:
+    """ConfigError unless k is an integer in [1, n] (n: the training examples)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise ConfigError(
+            f"k must be an integer in [1, {n}] (the number of training examples), got {k!r}"
+        )
 
 
 def _topk_of(source: Iterable[tuple[slice, np.ndarray]], n_targets: int, k: int) -> TopK:

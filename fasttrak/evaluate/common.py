@@ -3,8 +3,10 @@ reading their cached outputs back."""
 
 from __future__ import annotations
 
+import json
 import numbers
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,3 +56,31 @@ def load_cached(path: Path, shape: tuple[int | None, ...]) -> np.ndarray | None:
             f"cached {path} has shape {arr.shape} (expected {shape}, all finite); delete that file"
         )
     return arr.astype(np.float64, copy=False)
+
+
+def read_manifest(path: Path, what: str) -> dict[str, Any]:
+    """A cache's JSON manifest (a dict); DataError saying what to do when it is unreadable."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read {path} ({err}); use another cache_dir or delete it") from err
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} is not a {what} manifest; use another cache_dir or delete it")
+    return manifest
+
+
+def check_manifest(
+    recorded: dict[str, Any], request: dict[str, Any], what: str, directory: Path
+) -> None:
+    """ConfigError naming every field where a cache's manifest differs from the request."""
+    diffs = [
+        f"{name}: cache has {recorded.get(name)!r}, request has {value!r}"
+        for name, value in request.items()
+        if recorded.get(name) != value
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{what} cache {directory} was made for another request ("
+            + "; ".join(diffs)
+            + "); use another cache_dir or delete it"
+        )

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fasttrak.errors import ConfigError, ConfigTypeError, DataError, DataTypeError
-from fasttrak.evaluate.common import check_int, load_cached
+from fasttrak.evaluate.common import check_int, check_manifest, load_cached, read_manifest
 from fasttrak.evaluate.retrain import TrainFn, _atomic_write
 from fasttrak.scoring import Scores
 
@@ -358,27 +358,7 @@ class _RunCache:
         directory.mkdir(parents=True, exist_ok=True)
         manifest = directory / MANIFEST_NAME
         if manifest.exists():
-            try:
-                recorded = json.loads(manifest.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise DataError(
-                    f"cannot read {manifest} ({err}); use another cache_dir or delete it"
-                ) from err
-            if not isinstance(recorded, dict):
-                raise DataError(
-                    f"{manifest} is not a removal manifest; use another cache_dir or delete it"
-                )
-            diffs = [
-                f"{name}: cache has {recorded.get(name)!r}, request has {value!r}"
-                for name, value in request.items()
-                if recorded.get(name) != value
-            ]
-            if diffs:
-                raise ConfigError(
-                    f"removal cache {directory} was made for another request ("
-                    + "; ".join(diffs)
-                    + "); use another cache_dir or delete it"
-                )
+            check_manifest(read_manifest(manifest, "removal"), request, "removal", directory)
         else:
             if any(directory.glob("run_*.npy")):
                 raise DataError(

@@ -15,8 +15,14 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from fasttrak.errors import ConfigError, ConfigTypeError, DataError, DataTypeError
-from fasttrak.evaluate.common import check_int, check_masks, load_cached
+from fasttrak.errors import ConfigTypeError, DataError, DataTypeError
+from fasttrak.evaluate.common import (
+    check_int,
+    check_manifest,
+    check_masks,
+    load_cached,
+    read_manifest,
+)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -152,18 +158,8 @@ class _Cache:
         }
         manifest_path = self.dir / MANIFEST_NAME
         if manifest_path.exists():
-            manifest = self._read_manifest(manifest_path)
-            diffs = [
-                f"{name}: cache has {manifest.get(name)!r}, request has {value!r}"
-                for name, value in request.items()
-                if manifest.get(name) != value
-            ]
-            if diffs:
-                raise ConfigError(
-                    f"retrain cache {self.dir} was made for another request ("
-                    + "; ".join(diffs)
-                    + "); use another cache_dir or delete it"
-                )
+            manifest = read_manifest(manifest_path, "retrain")
+            check_manifest(manifest, request, "retrain", self.dir)
             self.n_targets: int | None = manifest.get("n_targets")
         else:
             if any(self.dir.glob("subset_*.npy")):
@@ -191,17 +187,6 @@ class _Cache:
             self._write_manifest()
         with _atomic_write(self.path(subset)) as f:
             np.save(f, arr, allow_pickle=False)
-
-    def _read_manifest(self, path: Path) -> dict[str, Any]:
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(
-                f"cannot read {path} ({err}); use another cache_dir or delete it"
-            ) from err
-        if not isinstance(manifest, dict):
-            raise DataError(f"{path} is not a retrain manifest; use another cache_dir or delete it")
-        return manifest
 
     def _write_manifest(self) -> None:
         with _atomic_write(self.dir / MANIFEST_NAME) as f:

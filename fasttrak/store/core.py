@@ -700,6 +700,13 @@ class ModelStore:
     def kernel_key(self, kind: str, settings: dict[str, Any], sources: str) -> str:
         return f"checkpoints/{self.model_id}/kernels/{kind}-{digest(kind, settings, sources)}"
 
+    def has_kernel(
+        self, kind: str, settings: dict[str, Any], records: dict[int, ChunkRecord]
+    ) -> bool:
+        """Whether a kernel artefact of these chunks and settings is cached (not read: a
+        damaged one is found by :meth:`read_kernel`)."""
+        return self.files.exists(self.kernel_key(kind, settings, sources_of(records)))
+
     def read_kernel(
         self, kind: str, settings: dict[str, Any], records: dict[int, ChunkRecord]
     ) -> np.ndarray | None:
