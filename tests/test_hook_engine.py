@@ -675,3 +675,39 @@ def test_reused_gradient_buffers_never_leak_into_features(group_rows):
     got = torch.cat([phi for _, phi, _ in featurizer.features(state, task, batches)])
     expected = torch.cat(HookGradients(model, task, ["0.weight"]).parts(state, (x, y)), 1)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class TiedModel(nn.Module):
+    """Two Linear layers holding one weight (``second.weight`` is ``first.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+def test_tied_weights_take_the_given_tensor_under_every_name_and_batches_share_it():
+    """The engine prepares the substituted tensors once per state (functional_call's
+    tie_weights work, done once): every alias of a tied weight gets the given tensor, the
+    gradients match the loop on every batch, and a state that gives two different tensors
+    for tied names is refused with the fix."""
+    torch.manual_seed(0)
+    model = TiedModel().eval()
+    names = select_parameters(model, None)
+    assert "second.weight" not in names  # one canonical name per tensor
+    engine = HookGradients(model, ImageClassification(), names)
+    state = load_state(model, None)
+    x, y = make_data(6, d_in=4, seed=2)
+    for rows in (slice(0, 4), slice(4, 6)):
+        grads = torch.cat(engine.parts(state, (x[rows], y[rows])), dim=1)
+        expected = loop_gradients(model, x[rows], y[rows], names, torch.float32)
+        torch.testing.assert_close(grads, expected, rtol=1e-4, atol=1e-5)
+    other = TiedModel()
+    both = {**state, "second.weight": other.first.weight.detach()}
+    with pytest.raises(ft.errors.ConfigError, match="ties"):
+        HookGradients(model, ImageClassification(), names).parts(both, (x, y))

@@ -46,6 +46,8 @@ from fasttrak.tasks import (
     TextClassification,
     bind_task,
 )
+from fasttrak.tasks.base import q_from_output
+from fasttrak.tasks.classification import margin_from_logits
 
 # On CPU, sdpa may warn about a fallback; irrelevant here.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -277,3 +279,54 @@ def test_bad_task_names_and_objects_say_what_to_pass():
         ft.TRAK(model, task=ft.tasks.ImageClassification)
     with pytest.raises(ft.ConfigTypeError, match="lacks"):
         ft.TRAK(model, task=object())
+
+
+def test_q_from_the_output_equals_out_to_loss_bit_for_bit(case):
+    """A task that says how Q follows from f (classification) gives, from the f of
+    ``output``, exactly the Q that ``out_to_loss`` computes; the hook engines rely on it."""
+    q_of_f = q_from_output(case.task)
+    assert (q_of_f is not None) == case.q_is_sigmoid_of_minus_f
+    if q_of_f is None:
+        return
+    forward = forward_of(case.model)
+    task = bound(case.task, forward)
+    with torch.enable_grad():  # as the hook engine records f
+        f = task.output(forward, case.batch)
+    with torch.no_grad():
+        q = q_from_output(task)(f, case.batch)
+        expected = task.out_to_loss(forward, case.batch)
+    assert not q.requires_grad
+    assert q.dtype == expected.dtype and torch.equal(q, expected)
+
+
+def test_a_subclass_that_changes_q_does_not_inherit_q_from_the_output():
+    @dataclasses.dataclass(frozen=True)
+    class Tempered(ImageClassification):
+        def out_to_loss(self, forward, batch):
+            return super().out_to_loss(forward, batch) / 2
+
+    @dataclasses.dataclass(frozen=True)
+    class Renamed(ImageClassification):  # Q unchanged: keeps the formula
+        name: str = "renamed"
+
+    @dataclasses.dataclass(frozen=True)
+    class Both(Tempered):
+        def out_to_loss_from_output(self, f, batch):
+            return torch.sigmoid(-f.detach()) / 2
+
+    assert q_from_output(Tempered()) is None
+    assert q_from_output(Renamed()) is not None
+    assert q_from_output(Both()) is not None
+    assert q_from_output(LanguageModeling()) is None
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e30])
+def test_margin_is_logit_y_minus_logsumexp_of_the_others_bit_for_bit(scale):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(50, 7, generator=gen) * scale
+    labels = torch.randint(0, 7, (50,), generator=gen)
+    others = logits.clone()
+    others[torch.arange(50), labels] = torch.finfo(torch.float32).min
+    expected = logits[torch.arange(50), labels] - torch.logsumexp(others, dim=1)
+    got = margin_from_logits(logits, labels)
+    assert torch.isfinite(got).all() and torch.equal(got, expected)

@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fasttrak.errors import ConfigError, ConfigTypeError, UnsupportedModelError
-from fasttrak.gradients.recording import Hooked, OutputCache, Recorder
+from fasttrak.gradients.recording import Hooked, OutputCache, Recorder, out_to_loss
 from fasttrak.gradients.rules import Rule, rule_for
-from fasttrak.tasks.base import Task
+from fasttrak.tasks.base import Task, q_from_output
 
 
 @dataclass
@@ -87,6 +87,9 @@ class HookGradients:
         }
         self.recorder = Recorder(task, hooked)  # probes for batch-less layers once
         self._buffers: dict[str, Tensor] = {}  # per parameter: (B_max, *shape), for reuse=True
+        self._q_from_output = q_from_output(task)  # Q from f, when the task says how
+        self._aliases = tied_names(model)
+        self._prepared: tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]] | None = None
 
     def parts(self, state: dict[str, Tensor], batch: Any) -> list[Tensor]:
         """One (B, p_i) float32 block per selected parameter, in selection order."""
@@ -102,16 +105,10 @@ class HookGradients:
         multi-megabyte tensors per batch cost a page fault per 4 KiB page on every
         allocation (measured: half the time of a wide nn.Linear's per-example gradients)."""
         size = self.task.batch_size(batch)
-        params = {n: t.detach() for n, t in state.items()}
-        for name in self.selected:
-            if not params[name].is_floating_point():
-                raise ConfigTypeError(
-                    f"parameter {name!r} is not a float tensor; exclude it with params="
-                )
-            params[name] = params[name].requires_grad_(True)
+        params, every_name = self._substitutes(state)
 
         def run(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, params, args, kwargs)
+            return functional_call(self.model, every_name, args, kwargs, tie_weights=False)
 
         forward = OutputCache(run)
         root: dict[str, Tensor] = {}
@@ -127,8 +124,7 @@ class HookGradients:
             root.update(self._batched_backward(f, params, batched, size))
 
         recording = self.recorder.record(forward, batch, size, before_backward)
-        with torch.no_grad():
-            q = self.task.out_to_loss(forward.replay(), batch).float()
+        q = out_to_loss(self.task, self._q_from_output, forward, recording.f, batch)
         del forward
         shared = self._shared(recording.unbatched)
         grads: dict[str, Tensor] = dict(root)
@@ -161,6 +157,32 @@ class HookGradients:
                 grad = torch.zeros((size, params[name].numel()), device=recording.f.device)
             out.append(grad.reshape(size, -1).float())
         return out, q
+
+    def _substitutes(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The tensors substituted for ``state`` (detached; the selected parameters require
+        grad), by state name and by every name the model has for them (tied aliases too: what
+        ``functional_call(tie_weights=True)`` works out on each call). Prepared once per
+        state object, so that the batches of one checkpoint share them."""
+        if self._prepared is not None and self._prepared[0] is state:
+            return self._prepared[1], self._prepared[2]
+        params = {n: t.detach() for n, t in state.items()}
+        for name in self.selected:
+            if not params[name].is_floating_point():
+                raise ConfigTypeError(
+                    f"parameter {name!r} is not a float tensor; exclude it with params="
+                )
+            params[name] = params[name].requires_grad_(True)
+        every_name = dict(params)
+        for name, value in params.items():
+            for alias in self._aliases.get(name, ()):
+                if alias in params and params[alias] is not value:
+                    raise ConfigError(
+                        f"the state gives different tensors for {name!r} and {alias!r}, which "
+                        "the model ties; give one of them"
+                    )
+                every_name[alias] = value
+        self._prepared = (state, params, every_name)
+        return params, every_name
 
     def _buffer(self, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
         """The first ``shape[0]`` rows of parameter ``name``'s reusable float32 buffer."""
@@ -201,3 +223,20 @@ class HookGradients:
             n: (torch.zeros((size, params[n].numel()), device=f.device) if g is None else g)
             for n, g in zip(names, grads, strict=True)
         }
+
+
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Each name of a parameter or buffer the model holds under several names (tied
+    weights, such as GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) -> its other
+    names."""
+    by_tensor: dict[int, list[str]] = {}
+    named: list[tuple[str, Tensor]] = [*model.named_parameters(remove_duplicate=False)]
+    named += [*model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {
+        name: [other for other in names if other != name]
+        for names in by_tensor.values()
+        if len(names) > 1
+        for name in names
+    }

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fasttrak.errors import ConfigError
-from fasttrak.gradients.recording import Hooked, OutputCache, Recorder, per_example
+from fasttrak.gradients.recording import Hooked, OutputCache, Recorder, out_to_loss, per_example
 from fasttrak.gradients.rules import rule_for, why_not_covered
-from fasttrak.tasks.base import Task
+from fasttrak.tasks.base import Task, q_from_output
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,7 @@ class FactoredFeatures:
             )
         forward = OutputCache(run)
         recording = self.recorder.record(forward, batch, size)
-        with torch.no_grad():
-            q = self.task.out_to_loss(forward.replay(), batch).float()
+        q = out_to_loss(self.task, q_from_output(self.task), forward, recording.f, batch)
         del forward
         device = self.p_in[self.layers[0].name].device if self.layers else recording.f.device
         feats = []

@@ -216,8 +216,8 @@ class Recorder:
             calls.append(
                 Call(
                     name,
-                    tree_map(_detach, args),
-                    tree_map(_detach, kwargs),
+                    tuple(_detach_tree(a) for a in args),
+                    {key: _detach_tree(value) for key, value in kwargs.items()},
                     {n: t.detach() for n, t in tensors.items()},
                     output,
                 )
@@ -227,6 +227,22 @@ class Recorder:
             return output.clone()
 
         return hook
+
+
+def out_to_loss(
+    task: Task,
+    q_from_f: Callable[[Tensor, Any], Tensor] | None,
+    forward: OutputCache,
+    f: Tensor,
+    batch: Any,
+) -> Tensor:
+    """Q (B,) float32 of a recorded batch, without autograd: from the recorded output f when
+    the task says how (``q_from_f``, see :func:`~fasttrak.tasks.base.q_from_output`), else
+    ``task.out_to_loss`` on the cached forward (no second model run)."""
+    with torch.no_grad():
+        if q_from_f is not None:
+            return q_from_f(f, batch).float()
+        return task.out_to_loss(forward.replay(), batch).float()
 
 
 class OutputCache:
@@ -276,6 +292,11 @@ def per_example(t: Tensor, size: int) -> Tensor:
 
 def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, Tensor) else value
+
+
+def _detach_tree(value: Any) -> Any:
+    """Every tensor in ``value`` detached (a tensor itself without the pytree walk)."""
+    return value.detach() if isinstance(value, Tensor) else tree_map(_detach, value)
 
 
 def batchless_layers(

@@ -148,7 +148,7 @@ class LinearRule(Rule):
             else:
                 found["weight"] = torch.einsum(self.spec, g, a)
         if "bias" in attrs:
-            found["bias"] = g.sum(1)
+            found["bias"] = g[:, 0] if g.shape[1] == 1 else g.sum(1)
         unknown = set(attrs) - {"weight", "bias"}
         if unknown:
             raise ConfigError(f"layer {call.layer!r} has unexpected parameters {sorted(unknown)}")

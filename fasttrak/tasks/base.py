@@ -26,6 +26,11 @@ class Task(Protocol):
       so it must also be plain PyTorch there (no ``.item()``, no in-place edits of inputs,
       no data-dependent Python control flow).
 
+    A task whose Q is a function of f alone (classification: Q = sigmoid(-f)) may also
+    define ``out_to_loss_from_output(f, batch) -> Tensor``, Q from the (B,) output of
+    :meth:`output`: the hook engines then take Q from the gradient pass's f instead of
+    running ``out_to_loss`` (see :func:`q_from_output`).
+
     A task that needs per-checkpoint state (CLIP's negative embeddings) also defines
     ``bind(forward, device) -> Task``: the runner calls it once per checkpoint, under
     ``torch.no_grad()`` with the model in eval mode, that checkpoint's weights and the
@@ -62,3 +67,16 @@ def bind_task(task: Task, forward: Forward, device: Any = None) -> Task:
     state), else ``task``."""
     bind = getattr(task, "bind", None)
     return bind(forward, device=device) if callable(bind) else task
+
+
+def q_from_output(task: Task) -> Callable[[Tensor, Any], Tensor] | None:
+    """``task.out_to_loss_from_output``, unless the task's ``out_to_loss`` is defined in a
+    class derived from the one that defines ``out_to_loss_from_output`` (then None). A
+    subclass that changes Q without saying how it follows from f so keeps its own
+    ``out_to_loss`` rather than inheriting a formula that no longer holds."""
+    mro = type(task).__mro__
+    q_of_f = next((i for i, cls in enumerate(mro) if "out_to_loss_from_output" in vars(cls)), None)
+    q_of_batch = next((i for i, cls in enumerate(mro) if "out_to_loss" in vars(cls)), len(mro))
+    if q_of_f is None or q_of_f > q_of_batch:
+        return None
+    return task.out_to_loss_from_output  # type: ignore[attr-defined]

@@ -19,10 +19,10 @@ def margin_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     logits: (B, C) in any float dtype; labels: (B,) int64 in [0, C). Returns (B,) float32.
     """
     logits = logits.float()
-    correct = torch.gather(logits, 1, labels[:, None])[:, 0]
-    is_label = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
+    index = labels[:, None]
+    correct = torch.gather(logits, 1, index)[:, 0]
     # The finite float32 minimum instead of -inf: exp() of it underflows to exactly 0.
-    others = logits.masked_fill(is_label, torch.finfo(torch.float32).min)
+    others = logits.scatter(1, index, torch.finfo(torch.float32).min)
     return correct - torch.logsumexp(others, dim=1)
 
 
@@ -93,6 +93,11 @@ class ImageClassification:
         logits = self._logits(forward, inputs, labels)
         check_label_range(self.name, labels, logits.shape[1])
         return torch.sigmoid(-margin_from_logits(logits, labels.long()))
+
+    def out_to_loss_from_output(self, f: Tensor, batch: Any) -> Tensor:
+        """Q = sigmoid(-f) from the margins f (B,) :meth:`output` returned: the same bits as
+        :meth:`out_to_loss`, without a second pass over the logits."""
+        return torch.sigmoid(-f.detach())
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -91,5 +91,10 @@ class TextClassification:
         check_label_range(self.name, labels, logits.shape[1])
         return torch.sigmoid(-margin_from_logits(logits, labels.long()))
 
+    def out_to_loss_from_output(self, f: Tensor, batch: Any) -> Tensor:
+        """Q = sigmoid(-f) from the margins f (B,) :meth:`output` returned: the same bits as
+        :meth:`out_to_loss`, without a second pass over the logits."""
+        return torch.sigmoid(-f.detach())
+
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "label_key": self.label_key}
