@@ -13,8 +13,10 @@ k = 1,024 with 5 models, in one process on one thread:
 and prints one JSON line per model with ``ratio = featurize / (backprop + projection)``
 (the aim: at most 1.5) and the stage breakdown of featurize from the library's profiler
 labels. Times are CPU seconds of this process (``time.process_time``, every thread: the
-store's writer thread counts), so that other load on a shared machine does not skew the
-ratio; medians of ``--repeat`` runs::
+store's writer thread counts). The three stages run back to back in each of ``--repeat``
+rounds and the ratio is the median of the rounds' ratios: on a shared VM the speed drifts
+by tens of percent from one minute to the next, which stage-by-stage medians took for
+differences between the stages::
 
     OMP_NUM_THREADS=1 python benchmarks/featurize_vs_backprop.py
 """
@@ -52,14 +54,19 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def median(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        start = time.process_time()
+def cpu_seconds(fn: Callable[[], object]) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def interleaved(stages: dict[str, Callable[[], object]], repeat: int) -> list[dict[str, float]]:
+    """CPU seconds of every stage, ``repeat`` rounds, the stages run back to back in each
+    round (after one warm-up round): a ratio taken within a round sees the same machine
+    state, where the VM's speed drifts by tens of percent between minutes."""
+    for fn in stages.values():
         fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+    return [{name: cpu_seconds(fn) for name, fn in stages.items()} for _ in range(repeat)]
 
 
 def measure(name: str, make: Callable[[], nn.Module], args: argparse.Namespace) -> dict:
@@ -99,11 +106,11 @@ def measure(name: str, make: Callable[[], nn.Module], args: argparse.Namespace) 
             for _ in range(0, args.rows, args.batch):
                 projector.project(grads)
 
-    seconds = {
-        "featurize": median(featurize, args.repeat),
-        "backprop": median(backprop, args.repeat),
-        "projection": median(projection, args.repeat),
-    }
+    rounds = interleaved(
+        {"featurize": featurize, "backprop": backprop, "projection": projection}, args.repeat
+    )
+    seconds = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    ratios = [r["featurize"] / (r["backprop"] + r["projection"]) for r in rounds]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         featurize()
     stages = {
@@ -111,7 +118,6 @@ def measure(name: str, make: Callable[[], nn.Module], args: argparse.Namespace) 
         for e in prof.key_averages()
         if e.key.startswith("fasttrak.")
     }
-    floor = seconds["backprop"] + seconds["projection"]
     return {
         "bench": "featurize_vs_backprop",
         "model": name,
@@ -121,7 +127,8 @@ def measure(name: str, make: Callable[[], nn.Module], args: argparse.Namespace) 
         "models": args.models,
         "batch": args.batch,
         "seconds": {key: round(value, 3) for key, value in seconds.items()},
-        "ratio": round(seconds["featurize"] / floor, 2),
+        "ratio": round(statistics.median(ratios), 2),
+        "ratio_per_round": [round(r, 2) for r in ratios],
         "aim": 1.5,
         "profiled_stages_s": stages,
         "threads": torch.get_num_threads(),
@@ -135,7 +142,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=5)
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="500 rows, 2 models, 1 repeat")
     args = parser.parse_args()
     if args.quick:

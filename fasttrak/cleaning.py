@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 from fasttrak.errors import ConfigError, ConfigTypeError, DataError, NumericalError
 from fasttrak.estimator import Estimator
@@ -198,6 +197,8 @@ def total_influence(scores: Scores | np.ndarray | Any, n_train: int | None = Non
 def rank_average(signals: Mapping[str, np.ndarray]) -> np.ndarray:
     """Mean over the named raw components of each row's rank in [0, 1] (1 = most suspect),
     each component first oriented by :data:`SIGNS` (average ranks for ties)."""
+    from scipy.stats import rankdata  # scipy.stats takes 0.7 s to import: only when used
+
     if not signals:
         raise ConfigError("rank_average needs at least one component")
     total: np.ndarray | None = None
