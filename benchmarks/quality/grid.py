@@ -21,7 +21,8 @@ Grid (defaults; each can be narrowed or extended on the command line):
   where p <= ``--identity-max-p``. k in 256, 1024, 2048, 4096, also where k > p
   (``ft.TRAK(model)`` uses k = 2048 whatever p is, so the default must be judged there).
 * kernel: plain, gauss_newton; ridge: "min", 0.001, 0.01, 0.1, 1.0 (relative:
-  λ = ridge · trace / min(n, k)); kernel_blocks: 1, 4; models M: 1, 5.
+  λ = ridge · trace / min(n, k, p)), or "auto" (``--ridges auto``: the library's spectral
+  ridge); kernel_blocks: 1, 4; models M: 1, 5.
 * "min" is the paper's ridge: 0 when the Cholesky factor exists for every model, else the
   first of MIN_RIDGES that works (recorded as ``ridge_used``).
 * The paper's estimator (``traker``): dense, plain, ridge "min", 1 block.
@@ -82,15 +83,13 @@ COMMIT = subprocess.run(
 """The library's commit when the grid ran (fasttrak is being changed while it is measured)."""
 
 
-def default_setting(k: int, n: int) -> Setting:
-    """``ft.Estimator()``'s settings for n training rows at dimension k (``for_rows`` where
-    the library decides with the rows, else ``for_dim``)."""
-    default = ft.Estimator()
-    est = default.for_rows(n, k) if hasattr(default, "for_rows") else default.for_dim(k)
+def default_setting(k: int, n: int, p: int) -> Setting:
+    """``ft.Estimator()``'s settings for n training rows of p parameters at dimension k."""
+    est = ft.Estimator().for_rows(n, k, p)
     return Setting(est.kernel, est.ridge, est.kernel_blocks)
 
 
-def estimator(kernel: str, ridge: float, blocks: int) -> ft.Estimator:
+def estimator(kernel: str, ridge: float | str, blocks: int) -> ft.Estimator:
     """The grid's estimators all build the kernel with float32 products (summed in float64),
     the setting every line of results.jsonl was measured with."""
     return ft.Estimator(kernel=kernel, ridge=ridge, kernel_blocks=blocks, precision=PRECISION)
@@ -117,11 +116,11 @@ class Setting:
 
 
 def settings(
-    kernels: list[str], ridges: list[float | str], blocks: list[int], k: int, n: int
+    kernels: list[str], ridges: list[float | str], blocks: list[int], k: int, n: int, p: int
 ) -> list[Setting]:
     """The estimator grid at dimension k, plus the library default's estimator."""
     grid = [Setting(kn, r, b) for kn in kernels for r in ridges for b in blocks if b <= k]
-    extra = default_setting(k, n)
+    extra = default_setting(k, n, p)
     if extra not in grid:
         grid.append(extra)
     return grid
@@ -279,7 +278,7 @@ def run_store(
     per_model: dict[Setting, list[ft.Scores]] = {s: [] for s in grid_settings}
     score_s: dict[Setting, list[float]] = {s: [] for s in grid_settings}
     warned: dict[Setting, bool] = {s: False for s in grid_settings}
-    ridge_of: dict[Setting, float] = {s: s.ridge for s in grid_settings if s.ridge != "min"}
+    ridge_of: dict[Setting, Any] = {s: s.ridge for s in grid_settings if s.ridge != "min"}
     with read_only(store):
         lowest = [s for s in grid_settings if s.ridge == "min"]
         for kernel in kernels:  # "min": the smallest ridge that works for every model
@@ -333,7 +332,7 @@ def run_store(
                     "lds_avg_se": result_avg.stderr,
                     "paper": projector == "dense" and s == PAPER,
                     "default": projector == DEFAULT["projector"]
-                    and s == default_setting(k, data.n),
+                    and s == default_setting(k, data.n, case.p),
                     "fasttrak_commit": COMMIT,
                     "featurize_seconds": float(sum(featurize_s[:big_m])),
                     "score_seconds": float(sum(score_s[s][:big_m])) + (seconds if big_m > 1 else 0),
@@ -350,7 +349,7 @@ def run_store(
 
 
 def parse_list(text: str, kind: type) -> list:
-    return [item if item == "min" else kind(item) for item in text.split(",") if item]
+    return [item if item in ("min", "auto") else kind(item) for item in text.split(",") if item]
 
 
 def main() -> None:
@@ -381,7 +380,7 @@ def main() -> None:
             ms = [m for m in models if m <= case.num_models]
             grid_settings = [
                 s
-                for s in settings(kernels, ridges, blocks, k, case.data().n)
+                for s in settings(kernels, ridges, blocks, k, case.data().n, case.p)
                 if any(
                     (case.name, projector, k, s.kernel, str(s.ridge), s.blocks, m) not in done
                     for m in ms

@@ -7,7 +7,9 @@ Runs in a second. Definitions (all at one number of models M, default 5, a user'
 
 * A configuration is (projector, k, kernel, ridge, blocks); identity has k = p.
 * best(case): the highest LDS of any configuration evaluated on that case.
-* regret(config, case) = best(case) - LDS(config, case).
+* regret(config, case) = best(case) - LDS(config, case); "at the same k": against the best
+  configuration of the same k (identity counts at k = p only), the regret criterion (b) asks
+  of the default at every k.
 * The paper's estimator at k: dense projection, plain kernel, the smallest ridge that
   factors (0 where it works), 1 block. The library's default: ``ft.TRAK(model)``'s
   projector and proj_dim with ``ft.Estimator().for_rows(n, k)``, read from the library
@@ -71,8 +73,8 @@ def paper_of(rows: dict[tuple, Row], k: Any) -> Row | None:
 def default_of(rows: dict[tuple, Row], k: int) -> Row | None:
     """The library's current default estimator (``ft.Estimator().for_rows(n, k)``) on its
     default projector at dimension k, if it was evaluated."""
-    n = next(iter(rows.values()))["n"]
-    s = default_setting(k, n)
+    first = next(iter(rows.values()))
+    s = default_setting(k, first["n"], first["p"])
     return rows.get((DEFAULT["projector"], k, s.kernel, str(s.ridge), s.blocks))
 
 
@@ -131,6 +133,30 @@ def report(all_rows: list[Row], big_m: int, metric: str = "lds") -> str:
                 mark = "" if d[metric] >= p[metric] else " **<**"
                 cells.append(f"{d[metric]:.3f} / {p[metric]:.3f}{mark}")
         out.append(f"| {case} | " + " | ".join(cells) + " |")
+
+    out += [
+        "",
+        "### Default's regret at every k against the best configuration at the same k "
+        "(criterion b)",
+        "",
+    ]
+    out += ["| case | " + " | ".join(f"k={k}" for k in ks) + " |"]
+    out += ["|---|" + "---|" * len(ks)]
+    worst_at: dict[int, float] = {}
+    for case in cases:
+        cells = []
+        for k in ks:
+            d = default_of(by_case[case], k)
+            same_k = [r[metric] for c, r in by_case[case].items() if c[1] == k]
+            if d is None or not same_k:
+                cells.append("-")
+                continue
+            regret_k = max(same_k) - d[metric]
+            worst_at[k] = max(worst_at.get(k, 0.0), regret_k)
+            cells.append(f"{regret_k:.3f}" + (" **>**" if regret_k > 0.02 else ""))
+        out.append(f"| {case} | " + " | ".join(cells) + " |")
+    worst_cells = " | ".join(f"{worst_at.get(k, float('nan')):.3f}" for k in ks)
+    out.append(f"| **worst** | {worst_cells} |")
 
     everywhere = set.intersection(*(set(by_case[c]) for c in cases)) if cases else set()
     table = []
