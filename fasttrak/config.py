@@ -66,6 +66,7 @@ class Expect:
 
 INT = Expect((int,), "an integer")
 FLOAT = Expect((int, float), "a number")
+FLOAT_OR_AUTO = Expect((int, float, str), 'a number or "auto"')
 STR = Expect((str,), "a string")
 BOOL = Expect((bool,), "true or false")
 TABLE = Expect((dict,), "a table")
@@ -124,7 +125,7 @@ TRAK_TYPES = {
     "batch_size": INT,
     "chunk_rows": INT,
     "feature_dtype": STR,
-    "ridge": FLOAT,
+    "ridge": FLOAT_OR_AUTO,
     "precision": STR,
     "kernel": STR,
     "kernel_blocks": INT,

@@ -21,16 +21,20 @@ from fasttrak.store import ChunkRecord, ModelStore
 from fasttrak.store.core import sources_of
 from fasttrak.validation import positive_int
 
-DEFAULT_KERNEL_BLOCKS = 4
-"""Kernel blocks when k >= 1024 and n < BLOCKS_MAX_ROWS_PER_DIM · k. Measured
-(docs/lds_vs_cost.md): with Gauss-Newton at k = 1024, 4 blocks add ~0.04 LDS at 5 models on
-an MLP and a CNN; blocks of 64 coordinates (k = 256) lose 0.05-0.17, hence no blocks below
-k = 1024. On the quality suite (docs/quality.md) they add 0.01-0.12 where n <= 2k and cost
-0.05 where n = 4.9k and 9.8k (n = 10,000): with many more rows than coordinates the kernel is
-well determined and the blocks only drop its cross-block part."""
+DEFAULT_BLOCK_SIZE = 512
+"""Default kernel blocks: k // DEFAULT_BLOCK_SIZE blocks (of about 512 coordinates) when
+k >= 4 · DEFAULT_BLOCK_SIZE, n < BLOCKS_MAX_ROWS_PER_DIM · k and p >= k; else one block.
+Measured on the quality suite (docs/quality.md), with the "auto" ridge: blocks of 512 bring
+text_bag from 0.742 to 0.777 at k = 2048 and from 0.735 to 0.788 at k = 4096 (4 blocks of
+1024 there: 0.768; best 0.782 and 0.796); blocks of 256 lost up to 0.1 (the digits models at
+k = 1024), where one block is within 0.019 of the best estimator on every case. With many
+more rows than coordinates (n >= 2k) the kernel is well determined and blocks only drop its
+cross-block part (-0.05 at n = 4.9k and 9.8k). Where p < k (logistic regression, p = 62)
+every block sees the same p coordinates at a fraction of the rank: 0.919 against 0.942 with
+one block, whatever the ridge."""
 
 BLOCKS_MAX_ROWS_PER_DIM = 2
-"""Default kernel blocks only while n < this · k (see :data:`DEFAULT_KERNEL_BLOCKS`)."""
+"""Default kernel blocks only while n < this · k (see :data:`DEFAULT_BLOCK_SIZE`)."""
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,15 @@ class Estimator:
 
     kernel: ``"gauss_newton"`` (Φᵀ R Φ with R = Q (1 - Q) per training example; influence
         functions on convex models) or ``"plain"`` (Φᵀ Φ, the paper's).
-    ridge: relative ridge, λ = ridge · trace(Φᵀ R Φ) / min(n, k, p) (p: the attributed
-        parameters), a fraction of the kernel's mean nonzero eigenvalue.
+    ridge: ``"auto"`` (default): λ = 0.07 · e_j, the kernel's j-th largest eigenvalue with
+        j = 3% of min(n, p) (p: the attributed parameters), per kernel block
+        (:func:`fasttrak.kernel.auto_ridge`); or a number, the relative ridge
+        λ = ridge · trace(Φᵀ R Φ) / min(n, k, p), a fraction of the kernel's mean nonzero
+        eigenvalue. Why "auto": the best relative ridge runs from 0.1 to 3 across the
+        quality suite (docs/quality.md), following how fast the spectrum decays.
     kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
-        groups of k / B) and averages the B estimates, a virtual ensemble. None: 4 when
-        k >= 1024 (blocks of >= 256 coordinates) and n < 2k, else 1.
+        groups of k / B) and averages the B estimates, a virtual ensemble. None: blocks of
+        512 coordinates (k // 512 of them) when k >= 2048, n < 2k and p >= k, else 1.
     precision: ``"float32"`` or ``"float64"`` products when building the kernel (always
         summed in float64); ``"auto"`` (default): float64 for a model with fewer training
         rows than k, float32 otherwise. With n < k the kernel is λ I on the k - n
@@ -54,7 +62,7 @@ class Estimator:
     """
 
     kernel: kernel_ops.Weighting = "gauss_newton"
-    ridge: float = kernel_ops.DEFAULT_RIDGE
+    ridge: kernel_ops.Ridge = kernel_ops.DEFAULT_RIDGE
     kernel_blocks: int | None = None
     precision: Literal["auto", "float32", "float64"] = "auto"
 
@@ -66,17 +74,18 @@ class Estimator:
                 f"precision must be 'auto', 'float32' or 'float64', got {self.precision!r}"
             )
         ridge = self.ridge
-        if (
-            isinstance(ridge, bool)
-            or not isinstance(ridge, (int, float, np.integer, np.floating))
-            or not math.isfinite(ridge)
-            or ridge < 0
-        ):
-            raise ConfigError(
-                f"ridge must be a finite number >= 0 (a fraction of the kernel's scale), "
-                f"got {ridge!r}"
-            )
-        object.__setattr__(self, "ridge", float(ridge))
+        if ridge != "auto":
+            if (
+                isinstance(ridge, bool)
+                or not isinstance(ridge, (int, float, np.integer, np.floating))
+                or not math.isfinite(ridge)
+                or ridge < 0
+            ):
+                raise ConfigError(
+                    f"ridge must be 'auto' or a finite number >= 0 (a fraction of the kernel's "
+                    f"mean eigenvalue), got {ridge!r}"
+                )
+            object.__setattr__(self, "ridge", float(ridge))
         if self.kernel_blocks is not None:
             object.__setattr__(
                 self, "kernel_blocks", positive_int("kernel_blocks", self.kernel_blocks)
@@ -90,15 +99,19 @@ class Estimator:
             kernel_ops.block_slices(k, self.kernel_blocks)  # raises for a bad number
         return self
 
-    def for_rows(self, num_rows: int, k: int) -> Estimator:
+    def for_rows(self, num_rows: int, k: int, num_params: int | None = None) -> Estimator:
         """This estimator with its defaults decided for a model of ``num_rows`` training
-        rows and feature dimension ``k``: ``precision="auto"`` is float64 when num_rows < k;
-        ``kernel_blocks=None`` is :data:`DEFAULT_KERNEL_BLOCKS` when k >= 1024 and
-        num_rows < :data:`BLOCKS_MAX_ROWS_PER_DIM` · k, else 1."""
+        rows, feature dimension ``k`` and ``num_params`` attributed parameters (None:
+        unknown, taken as >= k): ``precision="auto"`` is float64 when num_rows < k;
+        ``kernel_blocks=None`` is k // :data:`DEFAULT_BLOCK_SIZE` when that is at least
+        4, num_rows < :data:`BLOCKS_MAX_ROWS_PER_DIM` · k and num_params >= k, else 1."""
         chosen = self.for_dim(k)
         if chosen.kernel_blocks is None:
             many_rows = num_rows >= BLOCKS_MAX_ROWS_PER_DIM * k
-            blocks = DEFAULT_KERNEL_BLOCKS if k >= 1024 and not many_rows else 1
+            few_params = num_params is not None and num_params < k
+            blocks = k // DEFAULT_BLOCK_SIZE
+            if blocks < 4 or many_rows or few_params:
+                blocks = 1
             chosen = replace(chosen, kernel_blocks=blocks)
         if chosen.precision == "auto":
             chosen = replace(chosen, precision="float64" if num_rows < k else "float32")
@@ -106,7 +119,7 @@ class Estimator:
 
     def resolved(self, model: ModelStore) -> Estimator:
         """:meth:`for_rows` for one stored model."""
-        return self.for_rows(model.num_rows, model.store.k)
+        return self.for_rows(model.num_rows, model.store.k, model.store.num_params)
 
     @property
     def blocks(self) -> int:
@@ -131,10 +144,17 @@ class Estimator:
 
     def factor_settings(self) -> dict[str, Any]:
         """What keys a cached factor."""
+        if self.ridge == "auto":
+            relative_to = (
+                f"{kernel_ops.AUTO_RIDGE_SCALE}*eig[{kernel_ops.AUTO_RIDGE_QUANTILE}*min(n,p)]"
+                f">={kernel_ops.AUTO_RIDGE_MIN}*trace/min(n,k,p)"
+            )
+        else:
+            relative_to = "trace/min(n,k,p)"
         return {
             **self.gram_settings(),
             "ridge": self.ridge,
-            "relative_to": "trace/min(n,k,p)",
+            "relative_to": relative_to,
             "blocks": self.blocks,
         }
 

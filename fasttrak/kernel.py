@@ -43,10 +43,29 @@ GAUSS_NEWTON_GUARD = {"guard": "effective_rows", "fraction": GUARD_FRACTION}
 """What identifies the guard in a cache key: a Gauss-Newton gram built with other weights
 (e.g. by a fasttrak without the guard) must not be reused."""
 
-DEFAULT_RIDGE = 0.1
-"""Default relative ridge: λ = ridge · trace(Φᵀ Φ) / min(n, k, p), a fraction of the mean
-*nonzero* eigenvalue of the kernel (Φᵀ Φ has at most min(n, k, p) of them). Scale-free: features
-may be rescaled freely. Chosen from the LDS sweep in docs/estimator.md."""
+Ridge = float | Literal["auto"]
+"""A relative ridge (a number: a fraction of the kernel's mean nonzero eigenvalue, see
+:func:`ridge_value`) or ``"auto"`` (a point of the kernel's spectrum, see :func:`auto_ridge`)."""
+
+DEFAULT_RIDGE: Ridge = "auto"
+"""The default ridge: ``"auto"``, λ = AUTO_RIDGE_SCALE · e_j(G), the kernel's j-th largest
+eigenvalue, j = AUTO_RIDGE_QUANTILE · min(n, k, p) (per kernel block). Chosen by its worst
+case on the quality suite (docs/quality.md): every fixed relative ridge lost more than 0.02 LDS
+on some case, because the best one follows how fast the spectrum decays (0.1 on the digits
+models, whose kernels have an effective rank of 6-10; 1 to 3 where it is 50-570)."""
+
+AUTO_RIDGE_QUANTILE = 0.03
+"""``"auto"``: λ sits at the eigenvalue of rank round(0.03 · min(n, p)), the kernel's rank
+before projection (at least the first, at most the min(n, k, p)-th)."""
+
+AUTO_RIDGE_SCALE = 0.07
+"""``"auto"``: λ is this fraction of that eigenvalue. Fitted with AUTO_RIDGE_QUANTILE on the 8
+cases of the quality suite at k = 2048 (worst regret 0.012; refitted on 7 cases, worst on the
+8th 0.013), then checked at k = 256, 1024 and 4096 (docs/quality.md)."""
+
+AUTO_RIDGE_MIN = 1e-3
+"""``"auto"``: λ is at least this fraction of the mean nonzero eigenvalue trace / min(n, k, p),
+so that a kernel of numerical rank below j (all-equal features) still gets a ridge."""
 
 
 def gram(blocks: Iterable[np.ndarray], k: int, precision: Precision = "float32") -> np.ndarray:
@@ -162,19 +181,47 @@ def warn_if_saturated(q: np.ndarray, model: int | None = None) -> Saturation:
 
 
 def ridge_value(
-    gram_matrix: np.ndarray, ridge: float, num_rows: int, num_params: int | None = None
+    gram_matrix: np.ndarray, ridge: Ridge, num_rows: int, num_params: int | None = None
 ) -> float:
-    """λ = ridge · trace(G) / min(n, k, p): the absolute ridge added to the diagonal.
+    """The absolute ridge λ added to the diagonal of G: ``ridge · trace(G) / min(n, k, p)``
+    for a number, :func:`auto_ridge` for ``"auto"``.
 
     G = Φᵀ Φ (k, k) built from ``num_rows`` = n rows of features projected from ``num_params``
     = p gradient coordinates (None: unknown, taken as >= k). G has at most min(n, k, p)
     nonzero eigenvalues (a projection to k > p adds none), and trace(G) / min(n, k, p) is
     their mean, so the best relative ridge drifts neither with k nor with n when p is small.
     """
-    if ridge < 0:
-        raise ConfigError(f"ridge must be >= 0, got {ridge}")
-    rank = min(num_rows, gram_matrix.shape[0], num_params or gram_matrix.shape[0])
-    return float(ridge * np.trace(gram_matrix) / rank)
+    if ridge == "auto":
+        return auto_ridge(gram_matrix, num_rows, num_params)
+    if isinstance(ridge, str) or ridge < 0:
+        raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
+    return float(ridge * np.trace(gram_matrix) / _rank_bound(gram_matrix, num_rows, num_params))
+
+
+def auto_ridge(gram_matrix: np.ndarray, num_rows: int, num_params: int | None = None) -> float:
+    """λ = AUTO_RIDGE_SCALE · e_j, e_j the j-th largest eigenvalue of G (k, k), j =
+    round(AUTO_RIDGE_QUANTILE · min(n, p)) within [1, min(n, k, p)]; at least AUTO_RIDGE_MIN ·
+    trace / min(n, k, p). ``num_params`` None: p unknown, taken as >= n.
+
+    The ridge damps the directions below the top few percent of the spectrum of the
+    gradient kernel, however fast it decays: a fraction of the mean eigenvalue (a relative
+    ridge) is dominated by the top eigenvalues, too large for a flat spectrum and too small for
+    a steep one. j counts in the unprojected kernel's rank min(n, p), not in k: a projection
+    (or a kernel block) of k coordinates keeps the top of that spectrum, so the same j finds
+    the same point of it at every k (3% of min(n, k, p) instead put λ in the steep top of a
+    digits model's spectrum at k = 256 and lost 0.09-0.11 LDS there). Costs one symmetric
+    eigenvalue decomposition of G (0.6 s for k = 2048 on one CPU core, 0.05 s for four blocks
+    of 512)."""
+    rank = _rank_bound(gram_matrix, num_rows, num_params)
+    j = min(rank, max(1, round(AUTO_RIDGE_QUANTILE * min(num_rows, num_params or num_rows))))
+    eigenvalues = np.linalg.eigvalsh(gram_matrix)  # ascending
+    floor = AUTO_RIDGE_MIN * float(np.trace(gram_matrix)) / rank
+    return max(AUTO_RIDGE_SCALE * float(eigenvalues[-j]), floor)
+
+
+def _rank_bound(gram_matrix: np.ndarray, num_rows: int, num_params: int | None) -> int:
+    """min(n, k, p): how many nonzero eigenvalues G can have."""
+    return min(num_rows, gram_matrix.shape[0], num_params or gram_matrix.shape[0])
 
 
 def gauss_newton_weights(
@@ -283,7 +330,7 @@ def block_slices(k: int, blocks: int) -> list[slice]:
 
 def block_diagonal_factor(
     gram_matrix: np.ndarray,
-    ridge: float,
+    ridge: Ridge,
     num_rows: int,
     blocks: int = 1,
     weighting: Weighting | None = None,
@@ -312,7 +359,7 @@ def block_diagonal_factor(
 
 def cholesky_factor(
     gram_matrix: np.ndarray,
-    ridge: float,
+    ridge: Ridge,
     num_rows: int,
     weighting: Weighting | None = None,
     num_params: int | None = None,
@@ -333,8 +380,9 @@ def cholesky_factor(
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) != 0:
         raise NotPositiveDefiniteError(
-            f"the kernel Φᵀ Φ + λ I is not positive definite with ridge={ridge}; "
-            "increase ridge= (the kernel is singular when k exceeds the number of examples)"
+            f"the kernel Φᵀ Φ + λ I is not positive definite with ridge={ridge!r} (λ = {lam:.3g}); "
+            "pass a larger relative ridge=, e.g. 0.1 (the kernel is singular when k exceeds "
+            "the number of examples)"
         )
     return factor.numpy()
 

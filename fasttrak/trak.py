@@ -98,8 +98,9 @@ class TRAK:
         chunk_rows: training rows per store chunk, the unit of resumable work
             (default 512; taken from the store when it exists).
         feature_dtype: ``"float32"`` or ``"float16"`` storage of the features.
-        ridge: relative ridge, λ = ridge · trace(Φᵀ Φ) / min(n, k, p) (default
-            :data:`fasttrak.kernel.DEFAULT_RIDGE`).
+        ridge: ``"auto"`` (default: λ at a point of the kernel's spectrum, see
+            :class:`~fasttrak.Estimator`) or a relative ridge, λ = ridge · trace(Φᵀ Φ) /
+            min(n, k, p).
         precision: ``"float32"`` or ``"float64"`` products when building the kernel
             (always summed in float64); ``"auto"`` (default): float64 for models with
             fewer training rows than k (see :class:`~fasttrak.Estimator`).
@@ -136,7 +137,7 @@ class TRAK:
         batch_size: int = 64,
         chunk_rows: int | None = None,
         feature_dtype: str = "float32",
-        ridge: float = kernel_ops.DEFAULT_RIDGE,
+        ridge: kernel_ops.Ridge = kernel_ops.DEFAULT_RIDGE,
         precision: Literal["auto", "float32", "float64"] = "auto",
         kernel: kernel_ops.Weighting = "gauss_newton",
         kernel_blocks: int | None = None,

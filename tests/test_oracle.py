@@ -70,7 +70,7 @@ def test_zero_ridge_on_a_singular_kernel_says_to_raise_it():
     x, y = make_data(120, seed=3)
     trak = ft.TRAK(model, projector="identity", ridge=0.0, precision="float64", progress=False)
     trak.featurize((x, y))
-    with pytest.raises(np.linalg.LinAlgError, match="increase ridge"):
+    with pytest.raises(np.linalg.LinAlgError, match="larger relative ridge"):
         trak.score((x[:2], y[:2]))
 
 
@@ -168,7 +168,7 @@ def test_bad_kernel_options():
 
     with pytest.raises(ValueError, match="kernel must be one of"):
         ft.TRAK(make_mlp(), kernel="hessian")
-    with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="ridge must be 'auto' or a finite number >= 0"):
         ft.TRAK(make_mlp(), ridge=-1.0)
     with pytest.raises(ValueError, match="kernel='plain'"):
         gauss_newton_weights(np.array([0.2, 1.5]))
@@ -242,3 +242,80 @@ def test_fewer_rows_than_k_match_the_dual_float64_form_at_tiny_ridges(kernel, ri
     expected = np.linalg.solve(dual * r[None, :] + lam * np.eye(len(q)), (phi_t @ phi.T).T).T
     expected *= q[None, :]
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def _gram_with_spectrum(eigenvalues: np.ndarray, seed: int = 0) -> np.ndarray:
+    gen = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(gen.standard_normal((len(eigenvalues), len(eigenvalues))))
+    return (basis * eigenvalues) @ basis.T
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "p", "j"),
+    [
+        (1000, 200, None, 30),  # 3% of min(n, p) = 30 (not of k)
+        (1000, 200, 4000, 30),
+        (100, 200, None, 3),  # n < k: 3% of n
+        (1000, 200, 62, 2),  # p < k: round(1.86)
+        (10, 200, None, 1),  # at least the first eigenvalue
+        (100_000, 200, None, 200),  # at most the last of min(n, k, p) (here: the floor)
+    ],
+)
+def test_auto_ridge_is_a_fraction_of_the_eigenvalue_at_three_percent_of_the_rank(n, k, p, j):
+    from fasttrak import kernel
+
+    eigenvalues = np.geomspace(1e3, 1e-3, k)  # distinct, descending
+    gram = _gram_with_spectrum(eigenvalues)
+    got = kernel.ridge_value(gram, "auto", n, p)
+    floor = 1e-3 * eigenvalues.sum() / min(n, k, p or k)
+    np.testing.assert_allclose(got, max(0.07 * eigenvalues[j - 1], floor), rtol=1e-8)
+    # Scale-free: features scaled by c scale G, and so λ, by c².
+    np.testing.assert_allclose(kernel.ridge_value(9.0 * gram, "auto", n, p), 9.0 * got, rtol=1e-8)
+
+
+def test_auto_ridge_of_a_kernel_of_rank_below_j_is_floored_at_the_mean_eigenvalue_scale():
+    from fasttrak import kernel
+
+    gram = np.full((64, 64), 2.0)  # rank 1: every training feature equal
+    lam = kernel.ridge_value(gram, "auto", 1000)
+    np.testing.assert_allclose(lam, 1e-3 * np.trace(gram) / 64)
+    assert kernel.block_diagonal_factor(gram, "auto", 1000).shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_auto_ridge_scores_equal_their_closed_form_per_block(blocks):
+    """The default ridge through the whole pipeline, against numpy: per block, λ_b from the
+    block's own spectrum, j = 3% of min(n, p) within [1, min(n, k / B, p)]."""
+    model = make_mlp(seed=4)
+    x, y = make_data(50, seed=8)
+    xt, yt = make_data(5, seed=9)
+    trak = ft.TRAK(model, proj_dim=32, precision="float64", kernel_blocks=blocks, progress=False)
+    assert trak.estimator.ridge == "auto"
+    trak.featurize((x, y))
+    scores = np.asarray(trak.score((xt, yt)), dtype=np.float64)
+    stored = trak.store.model(0)
+    phi, q = stored.features().astype(np.float64), stored.q().astype(np.float64)
+    weighted = phi * np.sqrt(ft.kernel.gauss_newton_weights(q, k=32))[:, None]
+    target = trak.features((xt, yt)).phi.astype(np.float64)
+    total = np.zeros((5, 50))
+    for part in ft.kernel.block_slices(32, blocks):
+        g = weighted[:, part].T @ weighted[:, part]
+        rank = min(50, g.shape[0], trak.store.num_params)
+        e = np.sort(np.linalg.eigvalsh(g))[::-1]
+        j = min(rank, max(1, round(0.03 * min(50, trak.store.num_params))))
+        lam = max(0.07 * e[j - 1], 1e-3 * np.trace(g) / rank)
+        total += target[:, part] @ np.linalg.solve(g + lam * np.eye(g.shape[0]), phi[:, part].T)
+    expected = q[None, :] * total / blocks
+    np.testing.assert_allclose(scores, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
+
+
+def test_auto_and_relative_ridges_keep_separate_factors_in_one_store(tmp_path):
+    model = make_mlp(seed=4)
+    x, y = make_data(40, seed=8)
+    trak = ft.TRAK(model, proj_dim=16, store=tmp_path / "s", progress=False)
+    trak.featurize((x, y))
+    auto = np.asarray(trak.score((x[:3], y[:3])))
+    relative = np.asarray(trak.score((x[:3], y[:3]), estimator=ft.Estimator(ridge=0.1)))
+    again = np.asarray(trak.score((x[:3], y[:3])))
+    assert not np.allclose(auto, relative)
+    np.testing.assert_array_equal(auto, again)

@@ -70,7 +70,7 @@ def test_each_estimator_caches_its_own_factor_and_a_read_only_store_keeps_them_i
 def test_estimator_values_are_checked_with_the_fix():
     with pytest.raises(ft.ConfigError, match="kernel must be one of"):
         ft.Estimator(kernel="fisher")
-    with pytest.raises(ft.ConfigError, match="ridge must be a finite number"):
+    with pytest.raises(ft.ConfigError, match="ridge must be 'auto' or a finite number"):
         ft.Estimator(ridge=float("nan"))
     with pytest.raises(ft.ConfigError, match="precision"):
         ft.Estimator(precision="float16")
@@ -84,6 +84,16 @@ def test_estimator_values_are_checked_with_the_fix():
     assert ft.Estimator().for_rows(4096, 2048).kernel_blocks == 1  # n >= 2k: no blocks
     assert ft.Estimator().for_rows(1000, 512).kernel_blocks == 1
     assert ft.Estimator(kernel_blocks=2).for_rows(10**6, 2048).kernel_blocks == 2
+    assert ft.Estimator().for_rows(1000, 2048, num_params=2048).kernel_blocks == 4
+    assert ft.Estimator().for_rows(1000, 4096).kernel_blocks == 8  # blocks of 512
+    assert ft.Estimator().for_rows(1000, 1024).kernel_blocks == 1  # blocks of 256 hurt
+    assert ft.Estimator().for_rows(1000, 3000).kernel_blocks == 5
+    assert ft.Estimator().for_rows(1000, 2048, num_params=2047).kernel_blocks == 1  # p < k
+    assert ft.Estimator(kernel_blocks=4).for_rows(1000, 2048, num_params=62).kernel_blocks == 4
+    assert ft.Estimator().ridge == "auto" and ft.Estimator(ridge=1).ridge == 1.0
+    for bad in ("Auto", "0.1", None, [0.1]):
+        with pytest.raises(ft.ConfigError, match="'auto' or a finite number"):
+            ft.Estimator(ridge=bad)
     with pytest.raises(ft.ConfigError, match="resolved"):
         _ = ft.Estimator().blocks
     with pytest.raises(ft.ConfigTypeError, match="ft.Estimator"):

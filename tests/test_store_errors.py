@@ -29,7 +29,7 @@ def contents(path: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("ridge", [float("nan"), float("inf"), -1.0, "0.1", None, True])
 def test_ridge_must_be_a_finite_number(ridge):
-    with pytest.raises(ft.FastTrakError, match="ridge must be a finite number >= 0"):
+    with pytest.raises(ft.FastTrakError, match="ridge must be 'auto' or a finite number >= 0"):
         ft.TRAK(make_mlp(), ridge=ridge)
 
 
