@@ -43,7 +43,7 @@ class Estimator:
 
     kernel: ``"gauss_newton"`` (Φᵀ R Φ with R = Q (1 - Q) per training example; influence
         functions on convex models) or ``"plain"`` (Φᵀ Φ, the paper's).
-    ridge: ``"auto"`` (default): λ = 0.07 · e_j, the kernel's j-th largest eigenvalue with
+    ridge: ``"auto"`` (default): λ = 0.14 · e_j, the kernel's j-th largest eigenvalue with
         j = 3% of min(n, p) (p: the attributed parameters), per kernel block
         (:func:`fasttrak.kernel.auto_ridge`); or a number, the relative ridge
         λ = ridge · trace(Φᵀ R Φ) / min(n, k, p), a fraction of the kernel's mean nonzero

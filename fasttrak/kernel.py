@@ -49,19 +49,22 @@ Ridge = float | Literal["auto"]
 
 DEFAULT_RIDGE: Ridge = "auto"
 """The default ridge: ``"auto"``, λ = AUTO_RIDGE_SCALE · e_j(G), the kernel's j-th largest
-eigenvalue, j = AUTO_RIDGE_QUANTILE · min(n, k, p) (per kernel block). Chosen by its worst
-case on the quality suite (docs/quality.md): every fixed relative ridge lost more than 0.02 LDS
-on some case, because the best one follows how fast the spectrum decays (0.1 on the digits
-models, whose kernels have an effective rank of 6-10; 1 to 3 where it is 50-570)."""
+eigenvalue, j = AUTO_RIDGE_QUANTILE · min(n, p) (per kernel block, see :func:`auto_ridge`).
+Chosen by its worst case on the quality suite (docs/quality.md): every fixed relative ridge
+lost more than 0.02 LDS on some case, because the best one follows how fast the spectrum
+decays (0.1 on the digits models, whose kernels have an effective rank of 6-10; 1 to 3 where
+it is 50-570)."""
 
 AUTO_RIDGE_QUANTILE = 0.03
 """``"auto"``: λ sits at the eigenvalue of rank round(0.03 · min(n, p)), the kernel's rank
 before projection (at least the first, at most the min(n, k, p)-th)."""
 
-AUTO_RIDGE_SCALE = 0.07
-"""``"auto"``: λ is this fraction of that eigenvalue. Fitted with AUTO_RIDGE_QUANTILE on the 8
-cases of the quality suite at k = 2048 (worst regret 0.012; refitted on 7 cases, worst on the
-8th 0.013), then checked at k = 256, 1024 and 4096 (docs/quality.md)."""
+AUTO_RIDGE_SCALE = 0.14
+"""``"auto"``: λ is this fraction of that eigenvalue. AUTO_RIDGE_QUANTILE was fitted with a
+scale of 0.07 on the 8 cases of the quality suite at k = 2048 and M = 5 models (worst regret
+0.012; refitted on 7 cases, worst on the 8th 0.013); the scale was then chosen from 0.07,
+0.1, 0.14, 0.2 and 0.3 by the worst regret over k = 256 to 4096 and M = 1 and 5
+(docs/quality.md): 0.14 keeps M = 5 within 0.022 and brings M = 1 from 0.044 to 0.031."""
 
 AUTO_RIDGE_MIN = 1e-3
 """``"auto"``: λ is at least this fraction of the mean nonzero eigenvalue trace / min(n, k, p),

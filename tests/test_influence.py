@@ -50,10 +50,10 @@ def oracle(trak):
             g = weighted[:, part].T @ weighted[:, part]
             s = g.shape[0]
             rank = min(N, s, trak.store.num_params)
-            if est.ridge == "auto":  # 0.07 x the eigenvalue of rank round(3% of min(n, p))
+            if est.ridge == "auto":  # 0.14 x the eigenvalue of rank round(3% of min(n, p))
                 e = np.sort(np.linalg.eigvalsh(g))[::-1]
                 j = min(rank, max(1, round(0.03 * min(N, trak.store.num_params))))
-                lam = max(0.07 * e[j - 1], 1e-3 * np.trace(g) / rank)
+                lam = max(0.14 * e[j - 1], 1e-3 * np.trace(g) / rank)
             else:
                 lam = est.ridge * np.trace(g) / rank
             inv_phi = np.linalg.solve(g + lam * np.eye(s), phi[:, part].T)
