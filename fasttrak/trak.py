@@ -109,8 +109,9 @@ class TRAK:
             the paper's). Chosen at scoring time: the stored features serve both.
         kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
             groups of k / B) and averages the B estimates, a virtual ensemble. Default:
-            4 when k >= 1024 (blocks of >= 256 coordinates) and the store has fewer than
-            2k training rows, else 1 (docs/quality.md).
+            blocks of 512 coordinates (k // 512 of them) when k >= 2048, the store has
+            fewer than 2k training rows and p >= k attributed parameters, else 1
+            (docs/quality.md).
         engine: how per-example gradients are computed: ``"hooks"`` (one batched forward
             and backward with layer hooks; works on unmodified Hugging Face models with any
             attention implementation; needs examples that do not interact in the forward
