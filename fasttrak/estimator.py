@@ -74,7 +74,7 @@ class Estimator:
                 f"precision must be 'auto', 'float32' or 'float64', got {self.precision!r}"
             )
         ridge = self.ridge
-        if ridge != "auto":
+        if not (isinstance(ridge, str) and ridge == "auto"):
             if (
                 isinstance(ridge, bool)
                 or not isinstance(ridge, (int, float, np.integer, np.floating))
@@ -290,8 +290,8 @@ def kernel_rows(
         yield block
 
 
-def solve_targets(factor: np.ndarray, phi: Tensor, estimator: Estimator) -> Tensor:
+def solve_targets(factor: np.ndarray, phi: Tensor) -> Tensor:
     """K⁻¹ φ(targets) averaged over the kernel's blocks: (k, n_targets) from phi
-    (n_targets, k), i.e. Σ_b K_bb⁻¹ φ_b / B."""
+    (n_targets, k), i.e. Σ_b K_bb⁻¹ φ_b / B, B the blocks of ``factor`` (B, s, s)."""
     blocks = factor.shape[0] if factor.ndim == 3 else 1
     return kernel_ops.solve(factor, phi.cpu().T) / blocks

@@ -194,11 +194,12 @@ def ridge_value(
     nonzero eigenvalues (a projection to k > p adds none), and trace(G) / min(n, k, p) is
     their mean, so the best relative ridge drifts neither with k nor with n when p is small.
     """
-    if ridge == "auto":
+    if isinstance(ridge, str) and ridge == "auto":
         return auto_ridge(gram_matrix, num_rows, num_params)
     if isinstance(ridge, str) or ridge < 0:
         raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
-    return float(ridge * np.trace(gram_matrix) / _rank_bound(gram_matrix, num_rows, num_params))
+    rank = rank_bound(gram_matrix.shape[0], num_rows, num_params)
+    return float(ridge * np.trace(gram_matrix) / rank)
 
 
 def auto_ridge(gram_matrix: np.ndarray, num_rows: int, num_params: int | None = None) -> float:
@@ -215,16 +216,18 @@ def auto_ridge(gram_matrix: np.ndarray, num_rows: int, num_params: int | None = 
     digits model's spectrum at k = 256 and lost 0.09-0.11 LDS there). Costs one symmetric
     eigenvalue decomposition of G (0.6 s for k = 2048 on one CPU core, 0.05 s for four blocks
     of 512)."""
-    rank = _rank_bound(gram_matrix, num_rows, num_params)
+    rank = rank_bound(gram_matrix.shape[0], num_rows, num_params)
     j = min(rank, max(1, round(AUTO_RIDGE_QUANTILE * min(num_rows, num_params or num_rows))))
     eigenvalues = np.linalg.eigvalsh(gram_matrix)  # ascending
     floor = AUTO_RIDGE_MIN * float(np.trace(gram_matrix)) / rank
     return max(AUTO_RIDGE_SCALE * float(eigenvalues[-j]), floor)
 
 
-def _rank_bound(gram_matrix: np.ndarray, num_rows: int, num_params: int | None) -> int:
-    """min(n, k, p): how many nonzero eigenvalues G can have."""
-    return min(num_rows, gram_matrix.shape[0], num_params or gram_matrix.shape[0])
+def rank_bound(k: int, num_rows: int, num_params: int | None) -> int:
+    """min(n, k, p): how many nonzero eigenvalues a (k, k) gram of n rows of features
+    projected from p coordinates can have (p None: unknown, taken as >= k). A relative ridge
+    is a fraction of trace / rank_bound, the mean of those eigenvalues."""
+    return min(num_rows, k, num_params or k)
 
 
 def gauss_newton_weights(

@@ -714,7 +714,7 @@ class TRAK:
                     plan.target_rows, everything, state, model.model_id, task, hashes=False
                 )
             factor = kernel_factor(model, plan.records[i], plan.estimator, self._factors)
-            return solve_targets(factor, phi, plan.estimator)
+            return solve_targets(factor, phi)
 
     # ------------------------------------------------------------------ helpers
     def _load_checkpoints(

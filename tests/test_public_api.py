@@ -91,7 +91,7 @@ def test_estimator_values_are_checked_with_the_fix():
     assert ft.Estimator().for_rows(1000, 2048, num_params=2047).kernel_blocks == 1  # p < k
     assert ft.Estimator(kernel_blocks=4).for_rows(1000, 2048, num_params=62).kernel_blocks == 4
     assert ft.Estimator().ridge == "auto" and ft.Estimator(ridge=1).ridge == 1.0
-    for bad in ("Auto", "0.1", None, [0.1]):
+    for bad in ("Auto", "0.1", None, [0.1], np.array([0.1, 0.2])):
         with pytest.raises(ft.ConfigError, match="'auto' or a finite number"):
             ft.Estimator(ridge=bad)
     with pytest.raises(ft.ConfigError, match="resolved"):

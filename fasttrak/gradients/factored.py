@@ -103,6 +103,7 @@ class FactoredFeatures:
     ) -> None:
         self.model = model
         self.task = task
+        self._q_from_output = q_from_output(task)  # Q from f, when the task says how
         self.layers = list(layers)
         self.p_in = p_in
         self.p_out = p_out
@@ -151,7 +152,7 @@ class FactoredFeatures:
             )
         forward = OutputCache(run)
         recording = self.recorder.record(forward, batch, size)
-        q = out_to_loss(self.task, q_from_output(self.task), forward, recording.f, batch)
+        q = out_to_loss(self.task, self._q_from_output, forward, recording.f, batch)
         del forward
         device = self.p_in[self.layers[0].name].device if self.layers else recording.f.device
         feats = []

@@ -27,7 +27,7 @@ from fasttrak.estimator import (
     local_partial_grams,
     solve_targets,
 )
-from fasttrak.kernel import NotPositiveDefiniteError, Precision
+from fasttrak.kernel import NotPositiveDefiniteError, Precision, rank_bound
 from fasttrak.store import ChunkRecord, ModelStore
 
 logger = logging.getLogger("fasttrak.compat.trak")
@@ -44,7 +44,7 @@ class Solver:
     def solve(self, phi: Tensor) -> Tensor:
         """(ΦᵀΦ + λ I)⁻¹ φᵀ for target features phi (T, k): (k, T) float64."""
         if self.factor is not None:
-            return solve_targets(self.factor, phi, Estimator("plain", 0.0, 1))
+            return solve_targets(self.factor, phi)
         assert self.basis is not None and self.inverse_values is not None
         basis = torch.from_numpy(self.basis)
         rhs = phi.cpu().double().T
@@ -92,8 +92,8 @@ def solver(
     gram = plain_gram(model, records, precision)
     trace = float(np.trace(gram))
     _check_trace(model, trace)
-    rank = min(n, k, model.store.num_params)  # fasttrak's ridge is relative to trace / rank
-    ridge = lam * rank / trace  # fasttrak's relative ridge for this absolute λ
+    rank = rank_bound(k, n, model.store.num_params)
+    ridge = lam * rank / trace  # fasttrak's relative ridge (λ = ridge · trace / rank) for λ
     try:
         estimator = Estimator("plain", ridge, 1, precision)
         return Solver(kernel_factor(model, records, estimator, memory))
