@@ -29,7 +29,12 @@ def checksum(array: np.ndarray) -> int:
     data = np.ascontiguousarray(array)
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("<"))
-    return int(google_crc32c.value(data.tobytes()))
+    return checksum_bytes(data.tobytes())
+
+
+def checksum_bytes(data: bytes) -> int:
+    """CRC32C of raw bytes (what :func:`checksum` takes of an array's bytes)."""
+    return int(google_crc32c.value(data))
 
 
 def digest(*parts: Any) -> str:
