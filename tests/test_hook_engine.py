@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import fasttrak as ft
 from fasttrak.checkpoints import load_state
 from fasttrak.gradients import HookGradients, VmapGradients, select_parameters
-from fasttrak.gradients.rules import rule_for
+from fasttrak.gradients.rules import PATCH_COLUMNS, rule_for
 from fasttrak.tasks import ImageClassification
 
 
@@ -86,6 +86,53 @@ def _sequence_batch(sizes=(5, 3, 6, 1), length=6, seed=0):
     for i, n in enumerate(sizes):
         ids[i, :n] = torch.randint(1, 11, (n,), generator=gen)
     return ids, torch.randint(0, 3, (len(sizes),), generator=gen)
+
+
+class _InPlaceOnlyWhenNegative(nn.Module):
+    """Changes its input in place on a batch whose first value is negative, else not: an
+    in-place op that some batches take and others do not."""
+
+    def forward(self, x):
+        return x.mul_(0.5) if bool(x.flatten()[0] < 0) else x * 0.5
+
+
+@pytest.mark.parametrize(
+    "inplace",
+    [nn.ReLU(inplace=True), nn.Hardtanh(-0.3, 0.4, inplace=True), _InPlaceOnlyWhenNegative()],
+    ids=["relu", "hardtanh", "some_batches"],
+)
+def test_in_place_ops_after_a_recorded_layer_match_the_loop(inplace):
+    """A recorded output changed in place later (ReLU(inplace=True) after a Linear and a
+    Conv2d) must not change the gradient: the engine records the batch again with copies,
+    and keeps copying for later batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), inplace, nn.Flatten(), nn.Linear(3 * 16, 5), inplace
+    )
+    model.append(nn.Linear(5, 3))
+    model.eval()
+    names = select_parameters(model, None)
+    engine = HookGradients(model, ImageClassification(), names)
+    state = load_state(model, None)
+    gen = torch.Generator().manual_seed(3)
+    for batch in range(3):
+        x = torch.randn(4, 1, 4, 4, generator=gen) + (1.0 if batch == 0 else -1.0)
+        y = torch.randint(0, 3, (4,), generator=gen)
+        grads = torch.cat(engine.parts(state, (x, y)), dim=1)
+        expected = loop_gradients(model, x, y, names, torch.float32)
+        torch.testing.assert_close(grads, expected, rtol=1e-4, atol=1e-5)
+    assert engine.recorder.copy_outputs
+
+
+def test_a_model_without_in_place_ops_hands_on_its_own_outputs():
+    """No copies of the recorded outputs when nothing changes them in place."""
+    model = make_mlp().eval()
+    names = select_parameters(model, None)
+    engine = HookGradients(model, ImageClassification(), names)
+    x, y = make_data(6)[0], torch.randint(0, 3, (6,))
+    for _ in range(2):
+        engine.parts(load_state(model, None), (x, y))
+    assert not engine.recorder.copy_outputs
 
 
 def test_sequence_model_with_padding_shared_layers_and_local_rules():
@@ -543,11 +590,29 @@ def test_batch_encoding_batches_are_plain_dicts():
         dict(stride=(2, 1), padding=(0, 1), dilation=(1, 2)),
     ],
 )
-def test_conv2d_variants_match_the_autograd_loop(conv):
+@pytest.mark.parametrize("channels", [2, 8])  # the patches route, the grouped convolution
+def test_conv2d_variants_match_the_autograd_loop(conv, channels):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, **conv), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
-    x = torch.randn(5, 2, 7, 7)
+    layer = nn.Conv2d(channels, 4, 3, **conv)
+    assert (channels * 9 <= PATCH_COLUMNS) == (channels == 2)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(5, channels, 7, 7)
     model(x)  # materialise the lazy layer
+    y = torch.randint(0, 3, (5,))
+    names, grads = hook_parts(model, ImageClassification(), (x, y))
+    torch.testing.assert_close(
+        grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("channels", [2, 8])
+def test_conv2d_on_a_slice_of_a_larger_batch_matches_the_loop(channels):
+    """An unpadded input that is rows 4.. of a larger tensor (a storage offset, as the
+    batches of a tuple of tensors are): the patches view must start at the slice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(channels, 4, 3, stride=2), nn.Tanh(), nn.Flatten())
+    model.append(nn.Linear(4 * 3 * 3, 3))
+    x = torch.randn(9, channels, 7, 7)[4:]
     y = torch.randint(0, 3, (5,))
     names, grads = hook_parts(model, ImageClassification(), (x, y))
     torch.testing.assert_close(
@@ -574,11 +639,15 @@ def test_conv2d_same_padding_matches_the_vmap_engine(mode, groups):
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_conv2d_on_channels_last_input_matches_the_loop(rows):
-    """The batch folded into channels must follow the logical layout, not the memory one."""
+@pytest.mark.parametrize("channels", [3, 8])  # the patches route, the grouped convolution
+def test_conv2d_on_channels_last_input_matches_the_loop(rows, channels):
+    """The batch folded into channels, and the patches' strides, must follow the logical
+    layout, not the memory one."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
-    x = torch.randn(rows, 3, 4, 4).to(memory_format=torch.channels_last)
+    model = nn.Sequential(
+        nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+    x = torch.randn(rows, channels, 4, 4).to(memory_format=torch.channels_last)
     y = torch.randint(0, 3, (rows,))
     names, grads = hook_parts(model, ImageClassification(), (x, y))
     torch.testing.assert_close(

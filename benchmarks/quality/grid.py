@@ -3,6 +3,7 @@
     python -m benchmarks.quality.grid                                  # the default grid
     python -m benchmarks.quality.grid --cases text_bag --projectors sjlt --ks 1024
     python -m benchmarks.quality.grid --models 1,5,10 --blocks 1,2,4   # extend it
+    python -m benchmarks.quality.grid --seed 1 --out benchmarks/quality/seeds.jsonl
 
 Needs the ground truth and checkpoints of ``python -m benchmarks.quality.ground_truth``.
 For each case and each (projector, k), one store ``runs/quality/<case>/stores/<proj>_k<k>``
@@ -35,6 +36,11 @@ skipped: delete their lines to redo them), with ground-truth-free statistics of 
 effective rank trace²/‖K‖²_F and condition λ_max/λ_r (r = min(n, k, p)) of model 0's
 plain and Gauss-Newton kernels, and Q's spread over the M models (fraction of rows with
 Q (1 - Q) < 0.01, mean Q, effective rows of Q (1 - Q) over n).
+
+Projection seed: ``--seed s`` (default 0, ``ft.TRAK``'s default) featurizes with
+``ft.TRAK(..., seed=s)``; for s != 0 the stores are ``runs/quality/<case>/stores/<proj>_k<k>_s<s>``
+(seed-0 stores untouched) and every line gets ``"seed": s`` (a line without it is seed 0),
+which is part of the key of the lines already done.
 
 Runtime: about 2-6 minutes per case and projector on one core (dominated by k = 4096);
 the default grid takes about 40 minutes. Kernel factors (k² floats per estimator and
@@ -180,14 +186,15 @@ def q_stats(qs: list[np.ndarray]) -> dict[str, float]:
 
 
 def done_lines(path: Path) -> set[tuple]:
-    """(case, projector, k, kernel, ridge, blocks, M) of every line already in ``path``."""
+    """(case, projector, k, kernel, ridge, blocks, M, seed) of every line already in ``path``
+    (seed 0 where the line has none)."""
     if not path.exists():
         return set()
     done = set()
     for line in path.read_text().splitlines():
         r = json.loads(line)
         key = (r["case"], r["projector"], r["k_requested"], r["kernel"], str(r["ridge"]))
-        done.add((*key, r["blocks"], r["M"]))
+        done.add((*key, r["blocks"], r["M"], r.get("seed", 0)))
     return done
 
 
@@ -227,12 +234,14 @@ def run_store(
     k: int,
     models: list[int],
     grid_settings: list[Setting],
+    seed: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Featurize one (case, projector, k) store and yield a result line per setting and M.
 
     The grams (one per kernel weighting and model) are built once with the writable store;
     every estimator is then scored with the store read-only (factors in memory), one fresh
     TRAK object per (model, kernel weighting) so that its factors are freed after use.
+    ``seed``: the projection's seed (stores and lines of seed != 0 are marked with it).
     """
     data = case.data()
     masks, outputs = gt.ground_truth(case)
@@ -240,7 +249,7 @@ def run_store(
     outputs_avg = (outputs + outputs_b) / 2
     m_max = max(models)
     ckpts = gt.checkpoints(case, m_max)
-    store = gt.case_dir(case) / "stores" / f"{projector}_k{k}"
+    store = gt.case_dir(case) / "stores" / (f"{projector}_k{k}" + (f"_s{seed}" if seed else ""))
 
     def make_trak() -> ft.TRAK:
         return ft.TRAK(
@@ -248,6 +257,7 @@ def run_store(
             proj_dim=k,
             projector=projector_config(projector, case.p, k),
             store=store,
+            seed=seed,
             batch_size=BATCH_SIZE,
             progress=False,
         )
@@ -341,6 +351,7 @@ def run_store(
                     "score_scale": float(np.abs(combined).mean()),
                     **stats,
                     **q_stats(qs[:big_m]),
+                    **({"seed": seed} if seed else {}),
                 }
     drop_kernels(store)
 
@@ -363,6 +374,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(map(str, MODELS)))
     parser.add_argument("--identity-max-p", type=int, default=IDENTITY_MAX_P)
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON lines to append to")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random projections (ft.TRAK(seed=))"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     kernels = parse_list(args.kernels, str)
@@ -382,20 +396,23 @@ def main() -> None:
                 s
                 for s in settings(kernels, ridges, blocks, k, case.data().n, case.p)
                 if any(
-                    (case.name, projector, k, s.kernel, str(s.ridge), s.blocks, m) not in done
+                    (case.name, projector, k, s.kernel, str(s.ridge), s.blocks, m, args.seed)
+                    not in done
                     for m in ms
                 )
             ]
             if not grid_settings:
                 continue
             start = time.perf_counter()
-            lines = list(run_store(case, projector, k, ms, grid_settings))
+            lines = list(run_store(case, projector, k, ms, grid_settings, args.seed))
             with args.out.open("a") as f:
                 for line in lines:
                     f.write(json.dumps(line) + "\n")
             best = max(lines, key=lambda r: r["lds"])
             print(
-                f"{case.name:18s} {projector:8s} k={k:5d} {len(lines):3d} configs in "
+                f"{case.name:18s} {projector:8s} k={k:5d}"
+                + (f" seed={args.seed}" if args.seed else "")
+                + f" {len(lines):3d} configs in "
                 f"{time.perf_counter() - start:6.1f}s; best {best['lds']:.3f} ({best['kernel']}, "
                 f"ridge {best['ridge']}, blocks {best['blocks']}, M {best['M']})",
                 flush=True,

@@ -82,7 +82,7 @@ class HookGradients:
                 self.layers[module_name] = _Layer(module, rule_for(module), {})
             self.layers[module_name].params[attr] = name
         hooked = {
-            name: Hooked(ly.module, None if ly.rule.keeps_all else tuple(ly.params))
+            name: Hooked(ly.module, None if ly.rule.keeps_all else ())
             for name, ly in self.layers.items()
         }
         self.recorder = Recorder(task, hooked)  # probes for batch-less layers once

@@ -3,9 +3,11 @@
 Both the exact engine (:class:`~fasttrak.gradients.exact.HookGradients`) and the factored
 features (:class:`~fasttrak.gradients.factored.FactoredFeatures`) run the model once on the
 whole batch as ordinary PyTorch, with forward hooks on a set of layers. Each hook records the
-call (detached inputs and keyword arguments, the layer tensors the rule needs) and hands the
-rest of the model a clone of the output, so that a later in-place op (``ReLU(inplace=True)``)
-cannot change the tensor whose gradient is taken. One backward pass of ``Σ_i f_i`` to the
+call (detached inputs and keyword arguments, the layer tensors the rule needs). The rest of
+the model continues on the output itself; should a later in-place op (``ReLU(inplace=True)``)
+change a recorded output (its version counter moves), the batch is recorded again with every
+output copied for the rest of the model, and so are all later batches of that recorder: the
+gradient is always taken w.r.t. the layer's own output. One backward pass of ``Σ_i f_i`` to the
 recorded outputs (not to the parameters: no weight gradient is computed) then gives
 ``g = ∂(Σ_i f_i)/∂out`` per call. When example i's output depends only on example i (see
 :func:`~fasttrak.gradients.check_examples_independent`), row i of ``g`` is ``∂f_i/∂out_i``,
@@ -63,7 +65,8 @@ class Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     tensors: dict[str, Tensor]  # the kept layer tensors at call time, detached
-    output: Tensor | None = None  # as the layer returned it (the model continues on a copy)
+    output: Tensor | None = None  # as the layer returned it
+    version: int = 0  # the output's version counter when recorded (an in-place op moves it)
     grad: Tensor | None = None  # None when the output did not reach f
 
     @property
@@ -91,7 +94,8 @@ class Recorder:
     :meth:`record` runs the task with hooks installed and backpropagates to the recorded
     outputs; batch-less layers are looked for once, on the first batch of more than one
     example (:meth:`probe`). While :attr:`replaying` is set (a rule re-running a layer), the
-    hooks record nothing.
+    hooks record nothing. :attr:`copy_outputs` (set once a recorded output was changed in
+    place) hands the rest of the model copies of the recorded outputs.
     """
 
     def __init__(self, task: Task, layers: dict[str, Hooked]) -> None:
@@ -99,6 +103,7 @@ class Recorder:
         self.layers = layers
         self.batchless: set[str] | None = None  # layers whose output has no batch dimension
         self.replaying = False
+        self.copy_outputs = False
 
     def probe(self, forward: Forward, batch: Any, size: int) -> set[str]:
         """The hooked layers whose output has no batch dimension (found on the first batch of
@@ -127,7 +132,8 @@ class Recorder:
         """Run ``task.output(forward, batch)`` (``size`` examples) under ``enable_grad`` with
         the hooks installed, then the backward of ``f.sum()`` to the recorded outputs.
 
-        ``before_backward(f, unbatched)`` runs between the two (the graph is still whole)."""
+        ``before_backward(f, unbatched)`` runs between the two (the graph is still whole).
+        A forward that changed a recorded output in place is run again, copying outputs."""
         self.probe(forward, batch, size)
         calls: dict[str, list[Call]] = {name: [] for name in self.layers}
         unbatched: dict[str, tuple[int, ...]] = {}
@@ -139,16 +145,15 @@ class Recorder:
         ]
         try:
             with torch.enable_grad():
-                try:
-                    f = self.task.output(forward, batch)
-                except FastTrakError:
-                    raise
-                except Exception:
-                    self._explain(forward, batch)
-                    raise
-                if not isinstance(f, Tensor) or f.shape != (size,):
-                    shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-                    raise ConfigError(f"task.output returned {shape}, expected shape ({size},)")
+                f = self._output(forward, batch, size)
+                if not self.copy_outputs and _changed_in_place(calls):
+                    self.copy_outputs = True  # from now on; this batch once more
+                    for found in calls.values():
+                        found.clear()
+                    unbatched.clear()
+                    if isinstance(forward, OutputCache):
+                        forward.calls.clear()
+                    f = self._output(forward, batch, size)
                 if before_backward is not None:
                     before_backward(f, unbatched)
                 # Gradients w.r.t. the recorded outputs only. With non-reentrant checkpointing
@@ -163,6 +168,20 @@ class Recorder:
             for handle in handles:
                 handle.remove()
         return Recording(f, calls, unbatched)
+
+    def _output(self, forward: Forward, batch: Any, size: int) -> Tensor:
+        """``task.output(forward, batch)``, checked to be a (size,) tensor."""
+        try:
+            f = self.task.output(forward, batch)
+        except FastTrakError:
+            raise
+        except Exception:
+            self._explain(forward, batch)
+            raise
+        if not isinstance(f, Tensor) or f.shape != (size,):
+            shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise ConfigError(f"task.output returned {shape}, expected shape ({size},)")
+        return f
 
     def _explain(self, forward: Forward, batch: Any) -> None:
         """After ``task.output`` failed: let the task's checks of the whole batch (in
@@ -200,7 +219,8 @@ class Recorder:
                     "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
                     "{'use_reentrant': False}); or use engine='vmap'"
                 )
-            if output.ndim > 0 and output.shape[0] == 1 and size > 1:
+            expanded = output.ndim > 0 and output.shape[0] == 1 and size > 1
+            if expanded:
                 # A layer on a batch-less input (position ids of shape (1, T)) whose output is
                 # broadcast over the batch: hand the model one copy per example, so that row
                 # i of its gradient is example i's (exactly what broadcasting computes).
@@ -220,13 +240,25 @@ class Recorder:
                     {key: _detach_tree(value) for key, value in kwargs.items()},
                     {n: t.detach() for n, t in tensors.items()},
                     output,
+                    output._version,
                 )
             )
-            # The rest of the model gets a copy: a later in-place op (ReLU(inplace=True)) on
-            # it cannot change the tensor whose gradient is taken.
-            return output.clone()
+            if expanded or self.copy_outputs:
+                # The rest of the model gets a copy (of the broadcast rows, one per example):
+                # a later in-place op (ReLU(inplace=True)) cannot change the recorded output.
+                return output.clone()
+            return None
 
         return hook
+
+
+def _changed_in_place(calls: dict[str, list[Call]]) -> bool:
+    """True when an in-place op changed a recorded output after its layer returned it."""
+    return any(
+        call.output is not None and call.output._version != call.version
+        for found in calls.values()
+        for call in found
+    )
 
 
 def out_to_loss(

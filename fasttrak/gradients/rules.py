@@ -14,9 +14,10 @@ Exact gradients (t over tokens / positions; 1 for flat inputs):
 - ``nn.Linear`` (W: out × in): ``∇W_i = Σ_t g_it a_itᵀ``, ``∇b_i = Σ_t g_it``;
 - Hugging Face ``Conv1D`` (GPT-2; W: in × out, y = a W + b): ``∇W_i = Σ_t a_it g_itᵀ``;
 - ``nn.Conv2d`` (groups 1): ``∇W_i = Σ_l g_il ⊗ patch_il`` over output positions l,
-  computed for all examples at once as the weight gradient of one convolution with groups = B
-  (a padding mode other than zeros, and ``padding="same"``/``"valid"``, are applied to the
-  input first, as ``nn.Conv2d`` does);
+  computed for all examples at once: for few input channels as one batched matmul with the
+  input's patches (a strided view), otherwise as the weight gradient of one convolution with
+  groups = B (a padding mode other than zeros, and ``padding="same"``/``"valid"``, are
+  applied to the input first, as ``nn.Conv2d`` does);
 - ``nn.Embedding`` (W: vocab × dim): ``∇W_i[v] = Σ_{t: id_it = v} g_it`` (padding_idx rows 0);
 - any other layer (grouped Conv2d, Conv1d, LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval
   mode, embeddings with max_norm / scale_grad_by_freq / sparse, custom modules): the "local"
@@ -217,37 +218,33 @@ class Conv2dRule(Rule):
         size: int,
         out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """The weight gradients of all B examples as ONE grouped convolution's weight
-        gradient: the batch folded into the channels, (1, B·C, H, W), with groups = B, so
-        that group i sees only example i's input and output gradient. This is the
-        convolution backward's own kernel (no unfold of (B, C·kh·kw, L) patches)."""
+        """The weight gradients of all B examples at once, by one of two exact routes
+        chosen from the layer's shape alone (so every process computes the same bits):
+
+        - few input channels (``in_channels · kh · kw <= PATCH_COLUMNS`` and
+          ``out_channels <= PATCH_OUTPUTS``): one batched matmul of ``g`` (B, O, L) with the
+          input's patches (B, L, C·kh·kw), a strided view of the padded input copied once;
+        - otherwise: ONE grouped convolution's weight gradient, the batch folded into the
+          channels, (1, B·C, H, W), with groups = B, so that group i sees only example i's
+          input and output gradient (the convolution backward's own kernel).
+
+        Measured on one CPU thread, B = 64 (µs, patches vs grouped): C=1, O=8, 16x16: 132
+        vs 257; C=3, O=16, 32x32: 2678 vs 5156; C=4, O=8: 383 vs 913; C=8, O=16, 8x8: 353
+        vs 209; C=16, O=32: 4563 vs 3256; C=3, O=64, 32x32: 8429 vs 7798. The grouped
+        kernel also has a fixed cost of about 90 µs per call on tiny inputs."""
         assert isinstance(module, nn.Conv2d) and call.grad is not None
         grad = call.grad.float()  # (B, O, H', W')
         result: dict[str, Tensor] = {}
         if "weight" in attrs:
             x = per_example(call.input, size).float()
-            padding: Any = module.padding
-            if module.padding_mode != "zeros" or isinstance(padding, str):
-                # As nn.Conv2d._conv_forward: pad explicitly, then convolve without padding.
-                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-                x = nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-                padding = (0, 0)
-            shape = (size * module.out_channels, *module.weight.shape[1:])
-            weight = torch.zeros((), device=x.device).expand(shape)  # only its shape is read
-            weight_grad = torch.ops.aten.convolution_backward(
-                grad.reshape(1, -1, *grad.shape[2:]),
-                x.reshape(1, -1, *x.shape[2:]),
-                weight,
-                None,
-                list(module.stride),
-                list(padding),
-                list(module.dilation),
-                False,
-                [0, 0],
-                size,
-                [False, True, False],
-            )[1]
-            result["weight"] = weight_grad.view(size, *module.weight.shape)
+            kh, kw = module.kernel_size
+            if (
+                module.in_channels * kh * kw <= PATCH_COLUMNS
+                and module.out_channels <= PATCH_OUTPUTS
+            ):
+                result["weight"] = _weight_grads_by_patches(module, _padded(module, x), grad)
+            else:
+                result["weight"] = _weight_grads_by_grouped_conv(module, x, grad, size)
         if "bias" in attrs:
             result["bias"] = grad.sum((2, 3))
         return result
@@ -282,6 +279,64 @@ class Conv2dRule(Rule):
 
         pa = _homogeneous(p_in, weight, bias, patches, (size, pg.shape[1]))
         return torch.einsum("blo,bli->boi", pg, pa).reshape(size, -1)
+
+
+PATCH_COLUMNS = 36
+"""Largest ``in_channels · kh · kw`` whose per-example weight gradients take the patches route."""
+
+PATCH_OUTPUTS = 32
+"""Largest ``out_channels`` whose per-example weight gradients take the patches route."""
+
+
+def _padded(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The input as the convolution sees it: padded explicitly (any padding mode, and the
+    possibly asymmetric ``padding="same"``), as ``nn.Conv2d._conv_forward`` does."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    padding = list(module._reversed_padding_repeated_twice)
+    return nn.functional.pad(x, padding, mode=mode) if any(padding) else x
+
+
+def _weight_grads_by_patches(module: nn.Conv2d, x: Tensor, grad: Tensor) -> Tensor:
+    """(B, O, C, kh, kw) per-example weight gradients ``Σ_l g_il ⊗ patch_il`` from the
+    padded input ``x`` (B, C, H, W) and ``grad`` (B, O, H', W'): the patches are a strided
+    view of ``x`` (stride and dilation in its strides), copied once into (B, C·kh·kw, L)."""
+    size, channels = x.shape[:2]
+    kh, kw = module.kernel_size
+    (sh, sw), (dh, dw) = module.stride, module.dilation
+    oh, ow = grad.shape[2:]
+    x = x.contiguous()
+    s0, s1, s2, s3 = x.stride()
+    patches = x.as_strided(
+        (size, channels, kh, kw, oh, ow),
+        (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw),
+        x.storage_offset(),
+    ).reshape(size, channels * kh * kw, oh * ow)
+    g = grad.reshape(size, module.out_channels, oh * ow)
+    return torch.bmm(g, patches.transpose(1, 2)).view(size, *module.weight.shape)
+
+
+def _weight_grads_by_grouped_conv(module: nn.Conv2d, x: Tensor, grad: Tensor, size: int) -> Tensor:
+    """(B, O, C, kh, kw) per-example weight gradients as the weight gradient of one
+    convolution with groups = B over the batch folded into the channels."""
+    padding: Any = module.padding
+    if module.padding_mode != "zeros" or isinstance(padding, str):
+        x, padding = _padded(module, x), (0, 0)
+    shape = (size * module.out_channels, *module.weight.shape[1:])
+    weight = torch.zeros((), device=x.device).expand(shape)  # only its shape is read
+    weight_grad = torch.ops.aten.convolution_backward(
+        grad.reshape(1, -1, *grad.shape[2:]),
+        x.reshape(1, -1, *x.shape[2:]),
+        weight,
+        None,
+        list(module.stride),
+        list(padding),
+        list(module.dilation),
+        False,
+        [0, 0],
+        size,
+        [False, True, False],
+    )[1]
+    return weight_grad.view(size, *module.weight.shape)
 
 
 class EmbeddingRule(Rule):
