@@ -148,8 +148,8 @@ class Recorder:
                 f = self._output(forward, batch, size)
                 if not self.copy_outputs and _changed_in_place(calls):
                     self.copy_outputs = True  # from now on; this batch once more
-                    for found in calls.values():
-                        found.clear()
+                    for recorded in calls.values():
+                        recorded.clear()
                     unbatched.clear()
                     if isinstance(forward, OutputCache):
                         forward.calls.clear()
@@ -161,8 +161,8 @@ class Recorder:
                 # the replay's calls (recorded during this backward) get no gradient.
                 done = [c for name in self.layers for c in calls[name] if c.output is not None]
                 outputs = [c.output for c in done if c.output is not None]
-                found = torch.autograd.grad(f.sum(), outputs, allow_unused=True) if done else ()
-                for call, grad in zip(done, found, strict=True):
+                grads = torch.autograd.grad(f.sum(), outputs, allow_unused=True) if done else ()
+                for call, grad in zip(done, grads, strict=True):
                     call.grad, call.output = grad, None
         finally:
             for handle in handles:
