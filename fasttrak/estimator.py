@@ -23,18 +23,21 @@ from fasttrak.validation import positive_int
 
 DEFAULT_BLOCK_SIZE = 512
 """Default kernel blocks: k // DEFAULT_BLOCK_SIZE blocks (of about 512 coordinates) when
-k >= 4 · DEFAULT_BLOCK_SIZE, n < BLOCKS_MAX_ROWS_PER_DIM · k and p >= k; else one block.
-Measured on the quality suite (docs/quality.md), with the "auto" ridge: blocks of 512 bring
-text_bag from 0.742 to 0.777 at k = 2048 and from 0.735 to 0.788 at k = 4096 (4 blocks of
-1024 there: 0.768; best 0.782 and 0.796); blocks of 256 lost up to 0.1 (the digits models at
-k = 1024), where one block is within 0.019 of the best estimator on every case. With many
-more rows than coordinates (n >= 2k) the kernel is well determined and blocks only drop its
-cross-block part (-0.05 at n = 4.9k and 9.8k). Where p < k (logistic regression, p = 62)
-every block sees the same p coordinates at a fraction of the rank: 0.919 against 0.942 with
-one block, whatever the ridge."""
+k >= 4 · DEFAULT_BLOCK_SIZE, n <= BLOCKS_MAX_ROWS_PER_DIM · k and p >= k; else one block.
+Measured on the quality suite (docs/quality.md, default estimator, 5 projection draws):
+blocks of 512 help where the kernel is badly under-determined, n <= k/2 (text_bag, n =
+2,000, at k = 4096: +0.022 with 5 models, +0.007 with one); with n between k/2 and 2k their
+effect flips sign with the number of models and between cases (mlp_heldout, n = 4,000: -0.022
+at k = 4096 and -0.006 at k = 2048 with 5 models, +0.010 and +0.015 with one; text_bag at k =
+2048: +0.011 with 5 models, -0.013 with one), and one block has the smaller worst regret
+against the suite's best estimator (5 models: 0.014 against 0.022). Blocks of 256 lost up
+to 0.1 (the digits models at k = 1024). With many more rows than coordinates the kernel is
+well determined and blocks only drop its cross-block part (-0.05 at n = 4.9k and 9.8k).
+Where p < k (logistic regression, p = 62) every block sees the same p coordinates at a
+fraction of the rank: 0.919 against 0.942 with one block, whatever the ridge."""
 
-BLOCKS_MAX_ROWS_PER_DIM = 2
-"""Default kernel blocks only while n < this · k (see :data:`DEFAULT_BLOCK_SIZE`)."""
+BLOCKS_MAX_ROWS_PER_DIM = 0.5
+"""Default kernel blocks only while n <= this · k (see :data:`DEFAULT_BLOCK_SIZE`)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Estimator:
         quality suite (docs/quality.md), following how fast the spectrum decays.
     kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
         groups of k / B) and averages the B estimates, a virtual ensemble. None: blocks of
-        512 coordinates (k // 512 of them) when k >= 2048, n < 2k and p >= k, else 1.
+        512 coordinates (k // 512 of them) when k >= 2048, n <= k / 2 and p >= k, else 1.
     precision: ``"float32"`` or ``"float64"`` products when building the kernel (always
         summed in float64); ``"auto"`` (default): float64 for a model with fewer training
         rows than k, float32 otherwise. With n < k the kernel is λ I on the k - n
@@ -104,10 +107,10 @@ class Estimator:
         rows, feature dimension ``k`` and ``num_params`` attributed parameters (None:
         unknown, taken as >= k): ``precision="auto"`` is float64 when num_rows < k;
         ``kernel_blocks=None`` is k // :data:`DEFAULT_BLOCK_SIZE` when that is at least
-        4, num_rows < :data:`BLOCKS_MAX_ROWS_PER_DIM` · k and num_params >= k, else 1."""
+        4, num_rows <= :data:`BLOCKS_MAX_ROWS_PER_DIM` · k and num_params >= k, else 1."""
         chosen = self.for_dim(k)
         if chosen.kernel_blocks is None:
-            many_rows = num_rows >= BLOCKS_MAX_ROWS_PER_DIM * k
+            many_rows = num_rows > BLOCKS_MAX_ROWS_PER_DIM * k
             few_params = num_params is not None and num_params < k
             blocks = k // DEFAULT_BLOCK_SIZE
             if blocks < 4 or many_rows or few_params:

@@ -110,7 +110,7 @@ class TRAK:
         kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
             groups of k / B) and averages the B estimates, a virtual ensemble. Default:
             blocks of 512 coordinates (k // 512 of them) when k >= 2048, the store has
-            fewer than 2k training rows and p >= k attributed parameters, else 1
+            at most k / 2 training rows and p >= k attributed parameters, else 1
             (docs/quality.md).
         engine: how per-example gradients are computed: ``"hooks"`` (one batched forward
             and backward with layer hooks; works on unmodified Hugging Face models with any

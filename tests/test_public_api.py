@@ -80,8 +80,9 @@ def test_estimator_values_are_checked_with_the_fix():
         ft.Estimator(kernel_blocks=32).for_dim(16)  # more blocks than coordinates
     assert ft.Estimator().for_dim(2048).kernel_blocks is None  # decided with the rows
     assert ft.Estimator().for_rows(1000, 2048).kernel_blocks == 4
-    assert ft.Estimator().for_rows(4095, 2048).kernel_blocks == 4
-    assert ft.Estimator().for_rows(4096, 2048).kernel_blocks == 1  # n >= 2k: no blocks
+    assert ft.Estimator().for_rows(1024, 2048).kernel_blocks == 4  # n <= k / 2
+    assert ft.Estimator().for_rows(1025, 2048).kernel_blocks == 1  # n > k / 2: no blocks
+    assert ft.Estimator().for_rows(4000, 4096).kernel_blocks == 1  # mlp_heldout's case
     assert ft.Estimator().for_rows(1000, 512).kernel_blocks == 1
     assert ft.Estimator(kernel_blocks=2).for_rows(10**6, 2048).kernel_blocks == 2
     assert ft.Estimator().for_rows(1000, 2048, num_params=2048).kernel_blocks == 4
