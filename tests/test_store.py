@@ -172,3 +172,38 @@ def test_models_under_chosen_ids_in_any_order(tmp_path):
         trak.featurize((x, y), checkpoints=[models[1]], model_ids=[4, 5])
     with pytest.raises(ft.ConfigTypeError, match=r"\[7\]"):
         trak.featurize((x, y), checkpoints=[models[1]], model_ids=7)
+
+
+@pytest.mark.parametrize("feature_dtype", ["float32", "float16"])
+def test_chunk_files_hold_the_bytes_zarr_would_write(tmp_path, feature_dtype):
+    """Featurize writes chunk files itself (not through zarr's setitem): each must hold
+    exactly what zarr writes for the same rows, the last, partial chunk padded with NaN,
+    and read back through zarr as the features and Q."""
+    import zarr
+
+    from fasttrak.store.arrays import new_array
+
+    torch.manual_seed(0)
+    x, y = make_data(300)
+    trak = ft.TRAK(
+        make_mlp(),
+        proj_dim=32,
+        store=tmp_path / "s",
+        chunk_rows=128,
+        progress=False,
+        feature_dtype=feature_dtype,
+    )
+    trak.featurize((x, y))
+    stored = trak.store.model(0)
+    features, q = stored.features(), stored.q()
+    for name, data in (("features", features), ("q", q)):
+        ours = zarr.open_array(store=str(tmp_path / "s" / "checkpoints" / "0" / name), mode="r")
+        np.testing.assert_array_equal(np.asarray(ours[...]), data)
+        reference = tmp_path / f"zarr_{name}"
+        chunks = (128, 32) if name == "features" else (128,)
+        written = new_array(zarr.storage.LocalStore(reference), data.shape, str(data.dtype), chunks)
+        written[...] = data
+        for c in range(3):
+            key = f"c/{c}/0" if name == "features" else f"c/{c}"
+            mine = (tmp_path / "s" / "checkpoints" / "0" / name / key).read_bytes()
+            assert mine == (reference / key).read_bytes(), (name, c)
