@@ -244,7 +244,7 @@ class Conv2dRule(Rule):
             ):
                 result["weight"] = _weight_grads_by_patches(module, _padded(module, x), grad)
             else:
-                result["weight"] = _weight_grads_by_grouped_conv(module, x, grad, size)
+                result["weight"] = _weight_grads_by_grouped_conv(module, x, grad)
         if "bias" in attrs:
             result["bias"] = grad.sum((2, 3))
         return result
@@ -315,9 +315,11 @@ def _weight_grads_by_patches(module: nn.Conv2d, x: Tensor, grad: Tensor) -> Tens
     return torch.bmm(g, patches.transpose(1, 2)).view(size, *module.weight.shape)
 
 
-def _weight_grads_by_grouped_conv(module: nn.Conv2d, x: Tensor, grad: Tensor, size: int) -> Tensor:
+def _weight_grads_by_grouped_conv(module: nn.Conv2d, x: Tensor, grad: Tensor) -> Tensor:
     """(B, O, C, kh, kw) per-example weight gradients as the weight gradient of one
-    convolution with groups = B over the batch folded into the channels."""
+    convolution with groups = B over the batch folded into the channels, from the input
+    ``x`` (B, C, H, W) and ``grad`` (B, O, H', W')."""
+    size = x.shape[0]
     padding: Any = module.padding
     if module.padding_mode != "zeros" or isinstance(padding, str):
         x, padding = _padded(module, x), (0, 0)

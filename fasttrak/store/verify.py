@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fasttrak.errors import StoreCorruptError
-from fasttrak.store.arrays import chunk_key, new_array, open_array, read_whole
+from fasttrak.store.arrays import new_array, open_array, read_whole
 from fasttrak.store.core import (
     RUN,
     TRAIN,
@@ -374,8 +374,8 @@ class _Walk:
         if not self.fix:
             return
         self.files.delete(done_key(ck.model_id, c))
-        self.files.delete(chunk_key(array_key(ck.model_id, "features"), (c, 0)))
-        self.files.delete(chunk_key(array_key(ck.model_id, "q"), (c,)))
+        self.files.delete(ck.chunk_file("features", c))
+        self.files.delete(ck.chunk_file("q", c))
 
     def kernels(self, ck: ModelStore) -> None:
         base = f"checkpoints/{ck.model_id}/kernels"
