@@ -22,7 +22,14 @@ from torch import nn
 import fasttrak as ft
 from fasttrak.projection import SJLT, SRHT, fwht, projection_seed, resolve_projector
 from fasttrak.projection.dense import TILE_ROWS
-from fasttrak.projection.srht import effective_block_size, hadamard
+from fasttrak.projection.srht import (
+    CPU_CHUNK_ELEMS,
+    CPU_RADIX,
+    DEVICE_CHUNK_ELEMS,
+    DEVICE_RADIX,
+    effective_block_size,
+    hadamard,
+)
 
 # ------------------------------------------------------------------------ exact structure
 
@@ -150,11 +157,22 @@ def test_srht_memory_chunks_and_radix_do_not_change_the_features():
         chunked.chunk_elems = chunk_elems
         tol = 1e-6 * expected.abs().max().item()  # float32 rounding of another summation order
         torch.testing.assert_close(chunked.project(x), expected, rtol=0, atol=tol)
-    # The radix-2 butterflies (the default off the CPU) give the same features.
-    butterflies = SRHT(block_size=256).build(SHAPES, 40, 1, 0, torch.device("cpu"))
-    butterflies.radix = 2
-    tol = 1e-6 * expected.abs().max().item()  # float32 rounding of another summation order
-    torch.testing.assert_close(butterflies.project(x), expected, rtol=0, atol=tol)
+    # Radix-2 butterflies, and the GPU's defaults (radix 64, one large chunk), give the
+    # same features.
+    for radix, chunk_elems in ((2, CPU_CHUNK_ELEMS), (DEVICE_RADIX, DEVICE_CHUNK_ELEMS)):
+        other = SRHT(block_size=256).build(SHAPES, 40, 1, 0, torch.device("cpu"))
+        other.radix, other.chunk_elems = radix, chunk_elems
+        tol = 1e-6 * expected.abs().max().item()  # float32 rounding of another summation order
+        torch.testing.assert_close(other.project(x), expected, rtol=0, atol=tol)
+
+
+def test_srht_defaults_depend_on_the_device():
+    cpu = SRHT().build(SHAPES, 40, 1, 0, torch.device("cpu"))
+    assert (cpu.radix, cpu.chunk_elems) == (CPU_RADIX, CPU_CHUNK_ELEMS)
+    meta = SRHT().build(SHAPES, 40, 1, 0, torch.device("meta"))  # any non-CPU device
+    assert (meta.radix, meta.chunk_elems) == (DEVICE_RADIX, DEVICE_CHUNK_ELEMS)
+    # fewer, larger chunks off the CPU: a ResNet-18-sized batch is a few dozen chunks
+    assert DEVICE_CHUNK_ELEMS // (128 * 2048) >= 128
 
 
 def test_sjlt_column_slices_do_not_change_the_features(monkeypatch):
