@@ -10,13 +10,21 @@ from typing import Any
 import pytest
 import torch
 from conftest import loop_gradients, make_cnn, make_data, make_mlp
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import fasttrak as ft
 from fasttrak.checkpoints import load_state
 from fasttrak.gradients import HookGradients, VmapGradients, select_parameters
-from fasttrak.gradients.rules import PATCH_COLUMNS, rule_for
+from fasttrak.gradients.rules import (
+    DEVICE_PATCH_BYTES,
+    PATCH_COLUMNS,
+    _padded,
+    _weight_grads_by_grouped_conv,
+    _weight_grads_by_patches,
+    rule_for,
+    takes_patches,
+)
 from fasttrak.tasks import ImageClassification
 
 
@@ -603,6 +611,60 @@ def test_conv2d_variants_match_the_autograd_loop(conv, channels):
     torch.testing.assert_close(
         grads, loop_gradients(model, x, y, names, torch.float32), rtol=1e-4, atol=1e-5
     )
+
+
+def test_conv2d_route_depends_on_the_layer_and_device_never_the_batch():
+    cpu, gpu = torch.device("cpu"), torch.device("meta")  # meta: any device but the CPU
+    wide, narrow = nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(2, 4, 3)
+    # CPU: few input channels and outputs only
+    assert takes_patches(narrow, 25, cpu) and not takes_patches(wide, 32 * 32, cpu)
+    # off the CPU: whenever one example's patches fit DEVICE_PATCH_BYTES
+    assert 64 * 9 * 32 * 32 * 4 <= DEVICE_PATCH_BYTES < 64 * 9 * 224 * 224 * 4
+    assert takes_patches(wide, 32 * 32, gpu) and not takes_patches(wide, 224 * 224, gpu)
+    assert takes_patches(narrow, 25, gpu)
+
+
+def per_example_weight_grads(layer: nn.Conv2d, x: Tensor, grad: Tensor) -> Tensor:
+    """The oracle: one autograd call per example, in float64 on the CPU."""
+    layer = copy.deepcopy(layer).double().cpu()
+    rows = []
+    for xi, gi in zip(x.double().cpu(), grad.double().cpu(), strict=True):
+        out = layer(xi[None])
+        (weight_grad,) = torch.autograd.grad((out * gi[None]).sum(), layer.weight)
+        rows.append(weight_grad)
+    return torch.stack(rows)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(padding=1),
+        dict(stride=2, padding=1, bias=False),
+        dict(dilation=2, padding="same", padding_mode="reflect"),
+        dict(stride=(2, 1), padding=(0, 1), dilation=(1, 2)),
+    ],
+)
+def test_conv2d_weight_grads_on_cuda_match_the_loop_by_both_routes(conv):
+    """On a GPU a 64-channel layer takes the patches route (the CPU would take the grouped
+    convolution); both routes agree with a float64 per-example loop there. The patches route
+    is a cuBLAS matmul (float32 unless the user enables TF32 matmuls); the grouped route is a
+    cuDNN convolution, which PyTorch runs in TF32 by default, so it is checked with cuDNN's
+    TF32 off (scoped by torch.backends.cudnn.flags)."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(64, 32, 3, **conv).cuda()
+    x = torch.randn(6, 64, 12, 12, device="cuda")
+    with torch.no_grad():
+        grad = torch.randn_like(layer(x))
+    assert takes_patches(layer, grad.shape[2] * grad.shape[3], x.device)
+    expected = per_example_weight_grads(layer, x, grad).float()
+    scale = expected.abs().max().item()
+    by_patches = _weight_grads_by_patches(layer, _padded(layer, x), grad)
+    torch.testing.assert_close(by_patches.cpu(), expected, rtol=0, atol=1e-5 * scale)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        by_groups = _weight_grads_by_grouped_conv(layer, x, grad)
+    torch.testing.assert_close(by_groups.cpu(), expected, rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("channels", [2, 8])

@@ -219,10 +219,12 @@ class Conv2dRule(Rule):
         out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """The weight gradients of all B examples at once, by one of two exact routes
-        chosen from the layer's shape alone (so every process computes the same bits):
+        chosen by :func:`takes_patches` from the layer's shape, one example's input size and
+        the device, never the batch size (so every process computes the same bits):
 
-        - few input channels (``in_channels · kh · kw <= PATCH_COLUMNS`` and
-          ``out_channels <= PATCH_OUTPUTS``): one batched matmul of ``g`` (B, O, L) with the
+        - patches (on the CPU: few input channels, ``in_channels · kh · kw <= PATCH_COLUMNS``
+          and ``out_channels <= PATCH_OUTPUTS``; off the CPU: whenever one example's patches
+          take at most ``DEVICE_PATCH_BYTES``): one batched matmul of ``g`` (B, O, L) with the
           input's patches (B, L, C·kh·kw), a strided view of the padded input copied once;
         - otherwise: ONE grouped convolution's weight gradient, the batch folded into the
           channels, (1, B·C, H, W), with groups = B, so that group i sees only example i's
@@ -237,11 +239,7 @@ class Conv2dRule(Rule):
         result: dict[str, Tensor] = {}
         if "weight" in attrs:
             x = per_example(call.input, size).float()
-            kh, kw = module.kernel_size
-            if (
-                module.in_channels * kh * kw <= PATCH_COLUMNS
-                and module.out_channels <= PATCH_OUTPUTS
-            ):
+            if takes_patches(module, grad.shape[2] * grad.shape[3], x.device):
                 result["weight"] = _weight_grads_by_patches(module, _padded(module, x), grad)
             else:
                 result["weight"] = _weight_grads_by_grouped_conv(module, x, grad)
@@ -286,6 +284,23 @@ PATCH_COLUMNS = 36
 
 PATCH_OUTPUTS = 32
 """Largest ``out_channels`` whose per-example weight gradients take the patches route."""
+
+DEVICE_PATCH_BYTES = 2**23
+"""Off the CPU, the largest copy of one example's patches (``in_channels · kh · kw · L``
+float32 entries, L output positions) for which the patches route is taken, whatever the
+channels: a GPU runs the batched matmul at its matmul rate, and the copy is transient (8 MiB
+per example: 1 GiB at B = 128). A ResNet-18 layer on 32x32 images needs at most 2.4 MiB."""
+
+
+def takes_patches(module: nn.Conv2d, positions: int, device: torch.device) -> bool:
+    """Whether the per-example weight gradients of ``module`` take the patches route (else
+    the grouped convolution), from its shape, its ``positions`` = L output positions per
+    example and the device (see :meth:`Conv2dRule.gradients`)."""
+    kh, kw = module.kernel_size
+    columns = module.in_channels * kh * kw
+    if device.type == "cpu":
+        return columns <= PATCH_COLUMNS and module.out_channels <= PATCH_OUTPUTS
+    return columns * positions * 4 <= DEVICE_PATCH_BYTES
 
 
 def _padded(module: nn.Conv2d, x: Tensor) -> Tensor:
