@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import fasttrak as ft
 from fasttrak.projection import SJLT, SRHT, Dense, DenseProjector, resolve_projector
+from fasttrak.projection.common import generate_tile, projection_seed
 from fasttrak.projection.dense import TILE_ROWS
 
 P = 3000
@@ -228,6 +229,30 @@ def test_matrix_entries_and_scale():
     assert matrix.shape == (P, 64)
     assert torch.allclose(matrix.abs(), torch.full_like(matrix, 1 / 8))
     assert abs(matrix.sign().mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_matrix_tiles_drawn_in_threads_are_the_serial_draws(monkeypatch, kind, threads):
+    """The tiles are drawn on up to torch.get_num_threads() threads: the matrix, cached or
+    streamed block by block, is bit for bit the serial concatenation of the tiles."""
+    numels = {"a": 3000, "b": 700, "c": 2500}  # tiles of 1024, 952, 1024, 700, 1024, 1024, 452
+    serial = []
+    for name, numel in numels.items():
+        for tile in range(math.ceil(numel / TILE_ROWS)):
+            rows = min(TILE_ROWS, numel - tile * TILE_ROWS)
+            seed = projection_seed(4, 1, name, tile)
+            serial.append(generate_tile(rows, 16, kind, seed))
+    want = torch.cat(serial)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    cached = DenseProjector(numels, k=16, seed=4, model_id=1, kind=kind)
+    assert torch.equal(cached.matrix(), want)
+    streamed = DenseProjector(
+        numels, k=16, seed=4, model_id=1, kind=kind, cache_bytes=4 * 16 * 2500
+    )
+    assert not streamed.cached
+    grads = torch.randn(3, 6200, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(streamed.project(grads), grads @ want, rtol=1e-5, atol=1e-4)
 
 
 def test_streamed_projection_equals_cached():

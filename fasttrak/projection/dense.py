@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,12 +88,32 @@ class DenseProjector:
         with record_function("fasttrak.generate"):
             return generate_tile(tile.rows, self.k, self.kind, seed)
 
+    def _fill(self, buffer: Tensor, tiles: list[_Tile]) -> int:
+        """Write the consecutive ``tiles`` into the first rows of ``buffer`` (rows, k) and
+        return how many rows they fill. Tiles are drawn in parallel, one thread each on up to
+        ``torch.get_num_threads()`` threads (torch releases the GIL while it draws): every
+        tile has its own generator, so the bits are those of a serial loop."""
+        starts = [0]
+        for tile in tiles:
+            starts.append(starts[-1] + tile.rows)
+
+        def draw(i: int) -> None:
+            buffer[starts[i] : starts[i + 1]] = self._tile(tiles[i])
+
+        workers = min(torch.get_num_threads(), len(tiles))
+        if workers <= 1:
+            for i in range(len(tiles)):
+                draw(i)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="fasttrak-dense") as pool:
+                list(pool.map(draw, range(len(tiles))))
+        return starts[-1]
+
     def matrix(self) -> Tensor:
         """The full (p, k) float32 matrix on ``device`` (built once, then cached)."""
         if self._matrix is None:
             full = torch.empty((self.num_params, self.k), dtype=torch.float32)
-            for tile in self._tiles:
-                full[tile.start : tile.start + tile.rows] = self._tile(tile)
+            self._fill(full, self._tiles)
             self._matrix = full.to(self.device)
         return self._matrix
 
@@ -120,11 +141,8 @@ class DenseProjector:
                 block.append(tile)
                 continue
             if block:
-                start, filled = block[0].start, 0
-                for t in block:
-                    buffer[filled : filled + t.rows] = self._tile(t)
-                    filled += t.rows
-                self._accumulate(out, parts, buffer[:filled].to(self.device), start)
+                filled = self._fill(buffer, block)
+                self._accumulate(out, parts, buffer[:filled].to(self.device), block[0].start)
             block = [tile] if tile is not None else []
         return out
 
