@@ -25,6 +25,9 @@ before the clock is read), ``--repeat`` runs interleaved after one warm-up batch
   ``BasicProjector`` (Rademacher, regenerated in blocks of 100 columns per batch). The row's
   ``projector`` field names the class traker used. ``load_checkpoint`` + ``featurize`` per
   batch (batches moved to the device inside the timed run);
+- ``fasttrak_grouped`` (off the CPU only): ``fasttrak_default`` with every convolution's
+  per-example weight gradients by cuDNN's grouped convolution (the CPU's route for wide
+  layers) instead of the patches matmul a GPU takes (``rules.DEVICE_PATCH_BYTES``);
 - ``backprop`` (baseline): a plain training step without the optimizer: forward of the
   batch in train mode, cross-entropy (sum), ``backward`` to all parameters.
 
@@ -32,8 +35,10 @@ One ``"bench": "gpu_featurize"`` JSON line per (k, configuration) with ``ex_per_
 ``"bench": "gpu_featurize_ratio"`` line per k: ``ratio`` = fasttrak_default / traker
 (``baseline``: "traker"), ``ratio_dense_vs_trak``, ``ratio_vs_backprop`` = fasttrak_default /
 backprop (0.25: featurizing an example costs as much as 4 training steps on it). A markdown
-table on stderr. See docs/gpu.md. The timing helpers below are shared by the other
-benchmarks/gpu_*.py scripts.
+table on stderr. ``--profile`` adds a ``"bench": "gpu_featurize_profile"`` line: the operators
+with the most device time in one fasttrak_default featurize of two batches (torch.profiler),
+and fasttrak's own ranges (gradients, projection, store writes). See docs/gpu.md. The timing
+helpers below are shared by the other benchmarks/gpu_*.py scripts.
 
 Usage::
 
@@ -59,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 import fasttrak as ft
+from fasttrak.gradients import rules
 
 try:  # the reference implementation: pip install traker==0.3.2 (scripts/gpu carries it)
     import trak as _trak
@@ -69,6 +75,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure only disables the 
     TRAK_ERROR = f"{type(exc).__name__}: {exc}"
 
 DENSE_PROBE_ROWS = 2**17 + 1024  # coordinates of the dense probe: just over one 1 GiB block
+PROFILE_ROWS = 15  # operators listed by --profile
 
 
 # ----------------------------------------------------------------------------- model & data
@@ -221,6 +228,17 @@ class Runs:
     def dense(self, data: tuple[Tensor, Tensor]) -> None:
         self.fasttrak(data, projector="dense")
 
+    def grouped(self, data: tuple[Tensor, Tensor]) -> None:
+        """fasttrak_default with every convolution's per-example weight gradients by the
+        grouped convolution (cuDNN), the CPU's route for wide layers, instead of the patches
+        matmul that a GPU takes up to DEVICE_PATCH_BYTES per example."""
+        saved = rules.DEVICE_PATCH_BYTES
+        rules.DEVICE_PATCH_BYTES = 0
+        try:
+            self.fasttrak(data)
+        finally:
+            rules.DEVICE_PATCH_BYTES = saved
+
     def traker(self, data: tuple[Tensor, Tensor]) -> None:
         assert _trak is not None
         model = make_model(self.args.width).to(self.device)
@@ -286,6 +304,8 @@ def bench_k(args: argparse.Namespace, device: torch.device, k: int) -> list[dict
         "fasttrak_default": runs.fasttrak,
         "backprop": runs.backprop,
     }
+    if device.type != "cpu":  # on the CPU both are the same run (the CPU's own routes)
+        fns["fasttrak_grouped"] = runs.grouped
     rows: dict[str, dict[str, Any]] = {}
     if _trak is not None:
         fns["traker"] = runs.traker
@@ -312,7 +332,9 @@ def bench_k(args: argparse.Namespace, device: torch.device, k: int) -> list[dict
     if "traker" in fns:
         rows["traker"]["projector"] = runs.traker_projector
     out = []
-    for name in ("fasttrak_default", "fasttrak_dense", "traker", "backprop"):
+    for name in ("fasttrak_default", "fasttrak_grouped", "fasttrak_dense", "traker", "backprop"):
+        if name not in rows:
+            continue
         row = {"bench": "gpu_featurize", "config": name, "k": k, "p": p, "n": args.n}
         row.update({"batch": args.batch, **rows[name]})
         out.append(row)
@@ -332,9 +354,78 @@ def bench_k(args: argparse.Namespace, device: torch.device, k: int) -> list[dict
             "ratio_dense_vs_trak": ratio("fasttrak_dense", "traker"),
             "dense_estimated": bool(rows["fasttrak_dense"].get("estimated")),
             "ratio_vs_backprop": ratio("fasttrak_default", "backprop"),
+            "ratio_grouped_vs_trak": ratio("fasttrak_grouped", "traker"),
         }
     )
     return out
+
+
+def profile(args: argparse.Namespace, device: torch.device, k: int) -> dict[str, Any]:
+    """One ``fasttrak_default`` featurize of ``2 * batch`` images under ``torch.profiler``
+    (after a warm-up): the ``PROFILE_ROWS`` operators with the most device time (on the CPU:
+    CPU time), each with its self device and CPU milliseconds and its number of calls, as one
+    JSON row; the profiler's own table on stderr. Says where featurize spends its time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    runs = Runs(args, device, k)
+    data = make_data(2 * args.batch)
+    runs.fasttrak(data)  # warm-up: the projector's caches, cuDNN's algorithm choice
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as prof:
+        seconds = wall(lambda: runs.fasttrak(data), device)
+    events = prof.key_averages()
+
+    def ms(event: Any, *names: str) -> float:
+        for name in names:
+            if hasattr(event, name):
+                return round(float(getattr(event, name)) / 1000, 3)  # microseconds
+        return 0.0
+
+    device_keys = ("self_device_time_total", "self_cuda_time_total")
+    on_device = device.type == "cuda"
+    ranked = sorted(
+        events,
+        key=lambda e: ms(e, *device_keys) if on_device else ms(e, "self_cpu_time_total"),
+        reverse=True,
+    )
+    top = [
+        {
+            "op": e.key[:80],
+            "self_device_ms": ms(e, *device_keys),
+            "self_cpu_ms": ms(e, "self_cpu_time_total"),
+            "calls": int(e.count),
+        }
+        for e in ranked[:PROFILE_ROWS]
+    ]
+    sort_by = "self_cuda_time_total" if on_device else "self_cpu_time_total"
+    try:
+        print(events.table(sort_by=sort_by, row_limit=PROFILE_ROWS), file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the table is a convenience; the JSON row stays
+        print(f"profiler table unavailable: {exc}", file=sys.stderr)
+    return {
+        "bench": "gpu_featurize_profile",
+        "config": "fasttrak_default",
+        "k": k,
+        "n": len(data[0]),
+        "batch": args.batch,
+        "seconds_profiled": round(seconds, 3),
+        "device_ms_total": round(sum(ms(e, *device_keys) for e in events), 1),
+        "cpu_ms_total": round(sum(ms(e, "self_cpu_time_total") for e in events), 1),
+        "phases": {  # fasttrak's own ranges, children included (the CPU time is the wall
+            # time spent launching and waiting inside the range)
+            e.key: {
+                "cpu_ms": ms(e, "cpu_time_total"),
+                "device_ms": ms(e, "device_time_total", "cuda_time_total"),
+                "calls": int(e.count),
+            }
+            for e in events
+            if e.key.startswith("fasttrak.")
+        },
+        "top": top,
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -363,6 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dense-budget", type=float, default=20.0, help="seconds a real dense run may take"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one fasttrak_default featurize of two batches at the first k",
+    )
     args = parser.parse_args(argv)
     quick = {"ks": [256], "n": 32, "batch": 16, "width": 8, "repeat": 1}
     full = {"ks": [2048, 8192], "n": 1024, "batch": 128, "width": 64, "repeat": 2}
@@ -378,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
         for row in bench_k(args, device, k):
             emit(row)
             rows.append(row)
+    if args.profile:
+        emit(profile(args, device, args.ks[0]))
     emit(
         {
             "bench": "done",

@@ -7,9 +7,11 @@ parameters, of which the 48 ``Conv1D`` layers (attention ``c_attn``/``c_proj``, 
 ``--seq-len`` uniformly random token ids, no padding (every token is real), task
 ``ft.tasks.LanguageModeling()``.
 
-Configurations, each timed from constructing ``ft.TRAK`` (``store=None``, ``params=[Conv1D]``)
-to the last feature, CUDA synchronized before the clock is read; ``--repeat`` runs
-interleaved after one warm-up batch each, median:
+Configurations, each timed from constructing ``ft.TRAK`` (``store=None``, ``params=[Conv1D]``;
+the projector is built inside the timed run) to the last feature, CUDA synchronized before the
+clock is read; ``--repeat`` runs interleaved after one warm-up batch each, median. The models
+are made once, before any timing (a GPT-2 of random weights takes seconds to initialise on
+the CPU; fasttrak never moves or changes the model it is given):
 
 - ``factored``: ``projector=ft.projection.Factored()`` (per-layer Kronecker projection from
   layer hooks; k = 48 * k_in * k_out close to ``--k``);
@@ -76,7 +78,7 @@ def make_data(args: argparse.Namespace, vocab: int) -> list[dict[str, torch.Tens
 
 
 def featurize(args: argparse.Namespace, data: list, name: str, projector: Any) -> None:
-    model = make_model(args)
+    model = args.model
     trak = ft.TRAK(
         model,
         task=ft.tasks.LanguageModeling(),
@@ -94,7 +96,7 @@ def featurize(args: argparse.Namespace, data: list, name: str, projector: Any) -
 
 
 def train_step(args: argparse.Namespace, data: list) -> None:
-    model = make_model(args).to(args.device).train()
+    model = args.train_model
     for start in range(0, len(data), args.batch):
         rows = data[start : start + args.batch]
         ids = torch.stack([row["input_ids"] for row in rows]).to(args.device)
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         for t in m.parameters(recurse=False)
     )
     data = make_data(args, model.config.vocab_size)
-    del model
+    args.model = model  # every fasttrak run reads it (on the CPU; its state goes to the device)
+    args.train_model = make_model(args).to(args.device).train()
     runs = {
         "factored": lambda rows: featurize(args, rows, "factored", ft.projection.Factored()),
         "hooks_srht": lambda rows: featurize(args, rows, "hooks_srht", "srht"),

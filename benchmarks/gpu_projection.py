@@ -12,7 +12,8 @@ call, after warm-up calls) of one ``project()`` of:
   would take minutes, and ``dense_stream_s_est`` in the row says how long the streamed
   projection would take at the measured generation rate (``dense_build_s`` / (p k));
 - ``sjlt``: ``ft.projection.SJLT()`` (s = 1); ``srht``: ``ft.projection.SRHT()`` (the default
-  projector);
+  projector); ``srht_radixR``: the same projector with its Hadamard factors of size R
+  (``--srht-radices``, default 2 and 16; the device default is 64, the CPU's 32);
 - ``factored`` (its own layout: an MLP of ``Linear(d, d)`` layers, p close to the other's): one
   ``FactoredProjector.batch_features`` call, which runs the model's forward and backward
   with layer hooks and projects per layer: not a (B, p) x (p, k) product, so its rate is the
@@ -88,14 +89,19 @@ def projector_rows(label: str, numels: dict[str, int], k: int, args: Any) -> lis
     base = {"bench": "gpu_projection", "layout": label, "p": p, "k": k, "batch": batch}
     rate = matmul_rate(batch, p, k, device, args.reps)
     configs: dict[str, Any] = {"sjlt": ft.projection.SJLT(), "srht": ft.projection.SRHT()}
+    # the default SRHT with other Hadamard radices (its device default: DEVICE_RADIX)
+    variants = {f"srht_radix{r}": ("srht", r) for r in args.srht_radices}
     skipped: dict[str, Any] = {}
     if p * k <= args.dense_max:
         configs = {"dense": ft.projection.Dense(cache_bytes=p * k * 4), **configs}
     else:
         skipped["dense"] = f"p * k = {p * k:.3g} > --dense-max {args.dense_max:.3g}"
     out = []
-    for name, config in configs.items():
+    for name in [*configs, *variants]:
+        config = configs[variants[name][0]] if name in variants else configs[name]
         projector, build_s = built(lambda c=config: c.build(numels, k, 0, 0, device), device)
+        if name in variants:
+            projector.radix = variants[name][1]
         if name == "dense":  # generate and move the cached matrix outside the timed calls
             _, matrix_s = built(projector.matrix, device)
             build_s += matrix_s
@@ -199,6 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-max", type=int, help="largest p * k of a dense matrix built")
     parser.add_argument("--mlp-width", type=int, help="factored: width of the Linear layers")
     parser.add_argument("--mlp-depth", type=int, help="factored: number of Linear(d, d) layers")
+    parser.add_argument(
+        "--srht-radices",
+        type=int,
+        nargs="*",
+        default=[2, 16],
+        help="also time the default SRHT with these Hadamard radices (rows srht_radixR)",
+    )
     args = parser.parse_args(argv)
     quick = {"ks": [256], "batch": 16, "reps": 3, "dense_max": 2**31, "mlp_width": 128}
     full = {"ks": [2048, 8192], "batch": 128, "reps": 10, "dense_max": 2**31, "mlp_width": 1024}

@@ -88,7 +88,8 @@ def test_projection_quick():
     rows = of(
         run_json("benchmarks/gpu_projection.py", "--quick", "--device", "cpu"), "gpu_projection"
     )
-    assert {r["projector"] for r in rows} == {"dense", "sjlt", "srht", "factored"}
+    names = {"dense", "sjlt", "srht", "srht_radix2", "srht_radix16", "factored"}
+    assert {r["projector"] for r in rows} == names
     for r in rows:
         assert r["baseline"] == "torch.matmul" and is_ratio(r["ratio"]), r
         assert r["gflops"] > 0 and r["matmul_gflops"] > 0
@@ -181,5 +182,6 @@ def test_run_sh_dry_run_on_cpu(tmp_path):
     env_txt = (tmp_path / "env.txt").read_text()
     assert env_txt.count(": rc=0,") == 5, env_txt
     summary = (tmp_path / "summary.md").read_text()
-    for part in ("agreement", "Featurize", "Projection", "LM featurize", "Scoring"):
+    parts = ("agreement", "Featurize", "Where featurize spends", "Projection", "LM featurize")
+    for part in (*parts, "Scoring"):
         assert part in summary

@@ -19,4 +19,4 @@ nvcc --version 2>/dev/null | tail -n 2 || true
 MAX_JOBS=${MAX_JOBS:-4} "$PY" -m pip install --no-index --no-deps --no-build-isolation \
     --no-cache-dir --root-user-action=ignore .
 cd /
-"$PY" -c 'import fast_jl, torch; x = torch.zeros(8, 1000, device="cuda"); fast_jl.project_rademacher_8(x, 512, 0, torch.cuda.get_device_properties(0).multi_processor_count); print("fast_jl imports and runs")'
+"$PY" -c 'import torch, fast_jl; x = torch.zeros(8, 1000, device="cuda"); fast_jl.project_rademacher_8(x, 512, 0, torch.cuda.get_device_properties(0).multi_processor_count); print("fast_jl imports and runs")'

@@ -38,6 +38,14 @@ BUDGET=${GPU_BUDGET:-540}
 DEVICE=${GPU_DEVICE:-cuda}
 QUICK=
 [ "${GPU_QUICK:-0}" = 1 ] && QUICK=--quick
+# Sizes of the full runs, chosen to fit a 15-minute lease (a CPU dry run uses --quick's own):
+# featurize 2,048 images, one timed run after a warm-up batch, plus a profile of two batches;
+# projection 5 timed calls, dense built only up to 2**29 entries (2 GiB; the 256k layout at
+# k = 2048); the LM 64 sequences of 512 tokens, one timed run.
+SIZE_FEATURIZE="--n 2048 --repeat 1 --profile"
+SIZE_PROJECTION="--reps 5 --dense-max 536870912"
+SIZE_LM="--n 64 --repeat 1"
+if [ -n "$QUICK" ]; then SIZE_FEATURIZE=--profile SIZE_PROJECTION= SIZE_LM=; fi
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -171,7 +179,7 @@ bench() {
     "$PY" "$@" --device "$DEVICE" $QUICK >>"$BENCH" 2>>"$BENCH_LOG"
 }
 
-export PY OUT BENCH BENCH_LOG TESTS_LOG DEVICE QUICK
+export PY OUT BENCH BENCH_LOG TESTS_LOG DEVICE QUICK SIZE_FEATURIZE SIZE_PROJECTION SIZE_LM
 export -f pytest_args cuda_tests all_tests bench
 
 : >"$ENV_TXT"
@@ -182,15 +190,15 @@ for s in "${STAGES[@]}"; do
         env) env_info ;;
         cuda_tests) stage cuda_tests 120 bash -c cuda_tests && show "$TESTS_LOG" 12 ;;
         agree) stage agree 120 bash -c 'bench scripts/gpu/agreement.py' ;;
-        projection) stage projection 90 bash -c 'bench benchmarks/gpu_projection.py' ;;
-        lm) stage lm 90 bash -c 'bench benchmarks/gpu_lm.py' ;;
+        projection) stage projection 90 bash -c 'bench benchmarks/gpu_projection.py $SIZE_PROJECTION' ;;
+        lm) stage lm 120 bash -c 'bench benchmarks/gpu_lm.py $SIZE_LM' ;;
         featurize)
             # the featurize stage keeps 200 s of what is left (it takes ~60-100 s)
             wait=$(($(left) - 200))
             [ "$wait" -gt 120 ] && wait=120
             [ "$wait" -lt 0 ] && wait=0
             wait_fast_jl "$wait"
-            stage featurize 150 bash -c 'bench benchmarks/gpu_featurize.py'
+            stage featurize 150 bash -c 'bench benchmarks/gpu_featurize.py $SIZE_FEATURIZE'
             ;;
         scoring) stage scoring 120 bash -c 'bench benchmarks/gpu_scoring.py' ;;
         tests) stage tests 600 bash -c all_tests && show "$TESTS_LOG" 12 ;;

@@ -100,17 +100,35 @@ def main(out_dir: str) -> int:
         lines += ["", "## Featurize, ResNet-18 (examples/s)", ""]
         rate = {(r["k"], r["config"]): r for r in by("gpu_featurize")}
         lines += table(
-            ["k", "fasttrak default", "fasttrak dense", "traker", "traker projector", "backprop"]
-            + ["fasttrak/traker", "dense/traker", "fasttrak/backprop"],
+            ["k", "fasttrak default", "fasttrak grouped conv", "fasttrak dense", "traker"]
+            + ["traker projector", "backprop", "fasttrak/traker", "dense/traker"]
+            + ["fasttrak/backprop"],
             [
                 [r["k"]]
-                + [rate.get((r["k"], c), {}).get("ex_per_s") for c in ("fasttrak_default",)]
+                + [
+                    rate.get((r["k"], c), {}).get("ex_per_s")
+                    for c in ("fasttrak_default", "fasttrak_grouped")
+                ]
                 + [_dense(rate.get((r["k"], "fasttrak_dense"), {}))]
                 + [rate.get((r["k"], "traker"), {}).get("ex_per_s"), r.get("traker_projector")]
                 + [rate.get((r["k"], "backprop"), {}).get("ex_per_s")]
                 + [r.get("ratio"), r.get("ratio_dense_vs_trak"), r.get("ratio_vs_backprop")]
                 for r in feat
             ],
+        )
+    for r in by("gpu_featurize_profile"):
+        lines += ["", f"## Where featurize spends its time (k = {r['k']}, {r['n']} images)", ""]
+        lines.append(
+            f"{r['seconds_profiled']} s profiled; device {r['device_ms_total']} ms, "
+            f"CPU {r['cpu_ms_total']} ms (self times summed)."
+        )
+        lines += table(
+            ["fasttrak range", "CPU ms", "device ms", "calls"],
+            [[name, v["cpu_ms"], v["device_ms"], v["calls"]] for name, v in r["phases"].items()],
+        )
+        lines += [""] + table(
+            ["operator", "self device ms", "self CPU ms", "calls"],
+            [[t["op"], t["self_device_ms"], t["self_cpu_ms"], t["calls"]] for t in r["top"]],
         )
     proj = by("gpu_projection")
     if proj:
