@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from fasttrak import kernel as kernel_ops
@@ -190,11 +191,17 @@ def kernel_factor(
     estimator: Estimator,
     memory: FactorCache,
     partial_grams: PartialGrams | None = None,
+    device: kernel_ops.DeviceLike = kernel_ops.CPU,
 ) -> np.ndarray:
     """Per-block Cholesky factors (B, s, s) of one model's kernel, built from these chunks
     and cached in the store (in ``memory`` when the store is read-only). The gram, when not
     cached, is the in-order sum of the partial grams of :func:`gram_groups`, computed here
-    or by ``partial_grams`` (a runner's workers)."""
+    or by ``partial_grams`` (a runner's workers).
+
+    ``device``: where the partial grams computed here (not ``partial_grams``'), the ridge and
+    the factors are computed: the CPU (default) or a CUDA device (float64 there, see
+    :mod:`fasttrak.kernel`). The cache does not record the device: a gram or factor built on
+    one serves the others."""
     k = model.store.k
     estimator = estimator.resolved(model)
     gram_settings, factor_settings = estimator.gram_settings(), estimator.factor_settings()
@@ -207,9 +214,13 @@ def kernel_factor(
     gram = model.read_kernel("gram", gram_settings, records)
     writable = model.store.writable
     if gram is None:
-        compute = partial_grams or local_partial_grams
+        groups = gram_groups(model.num_chunks)
+        if partial_grams is not None:
+            partials = partial_grams(model, records, estimator, groups)
+        else:
+            partials = local_partial_grams(model, records, estimator, groups, device)
         gram = np.zeros((k, k))
-        for partial in compute(model, records, estimator, gram_groups(model.num_chunks)):
+        for partial in partials:
             gram += partial
         if writable:
             rows = max(1, min(k, 2**21 // k))  # chunks of <= 16 MiB
@@ -221,6 +232,7 @@ def kernel_factor(
         estimator.blocks,
         weighting=estimator.kernel,
         num_params=model.store.num_params,
+        device=device,
     )
     if writable:
         model.write_kernel("factor", factor_settings, records, factor, (1, *factor.shape[1:]))
@@ -240,12 +252,17 @@ def needs_gram(model: ModelStore, records: dict[int, ChunkRecord], estimator: Es
 
 
 def local_partial_grams(
-    model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator, groups: list[range]
+    model: ModelStore,
+    records: dict[int, ChunkRecord],
+    estimator: Estimator,
+    groups: list[range],
+    device: kernel_ops.DeviceLike = kernel_ops.CPU,
 ) -> Iterator[np.ndarray]:
-    """The partial grams of ``groups``, computed in this process one after another."""
+    """The partial grams of ``groups``, computed in this process one after another (on
+    ``device``, see :func:`partial_gram`)."""
     weights = kernel_weights(model, records, estimator)
     for chunks in groups:
-        yield partial_gram(model, records, estimator, chunks, weights)
+        yield partial_gram(model, records, estimator, chunks, weights, device)
 
 
 def partial_gram(
@@ -254,13 +271,41 @@ def partial_gram(
     estimator: Estimator,
     chunks: range,
     weights: np.ndarray | None,
+    device: kernel_ops.DeviceLike = kernel_ops.CPU,
 ) -> np.ndarray:
-    """Σ over ``chunks`` of Φ_cᵀ R_c Φ_c, (k, k) float64 (products in the estimator's
-    precision); ``weights``: R^½ per training row from :func:`kernel_weights`."""
-    precision = estimator.resolved(model).precision
+    """Σ over ``chunks`` of Φ_cᵀ R_c Φ_c, (k, k) float64 numpy (products in the estimator's
+    precision); ``weights``: R^½ per training row from :func:`kernel_weights`.
+
+    ``device``: the CPU (default), or a CUDA device: each chunk is copied there as stored
+    (float16 or float32), converted and weighted there (the same elementwise rounding as on
+    the CPU), and multiplied there with TF32 off (:func:`fasttrak.kernel.gram`)."""
+    precision = cast(kernel_ops.Precision, estimator.resolved(model).precision)
     dtype = np.float64 if precision == "float64" else np.float32
+    device = kernel_ops.check_device(device)
+    if not kernel_ops.cpu_path(device):
+        blocks = _device_kernel_rows(model, records, chunks, weights, dtype, device)
+        return kernel_ops.gram(blocks, model.store.k, precision, device)
     rows = kernel_rows(model, records, chunks, weights, dtype)
-    return kernel_ops.gram(rows, model.store.k, cast(kernel_ops.Precision, precision))
+    return kernel_ops.gram(rows, model.store.k, precision)
+
+
+def _device_kernel_rows(
+    model: ModelStore,
+    records: dict[int, ChunkRecord],
+    chunks: Iterable[int],
+    weights: np.ndarray | None,
+    dtype: type[np.floating],
+    device: torch.device,
+) -> Iterator[Tensor]:
+    """:func:`kernel_rows` as tensors on ``device``, one chunk there at a time."""
+    torch_dtype = torch.float64 if dtype is np.float64 else torch.float32
+    for c in chunks:
+        block = kernel_ops.to_device(model.read("features", records[c]), device).to(torch_dtype)
+        if weights is not None:
+            rows = model.chunk_slice(c)
+            scale = torch.from_numpy(weights[rows].astype(dtype)).to(device, non_blocking=True)
+            block = block * scale[:, None]
+        yield block
 
 
 def kernel_weights(
@@ -293,8 +338,14 @@ def kernel_rows(
         yield block
 
 
-def solve_targets(factor: np.ndarray, phi: Tensor) -> Tensor:
-    """K⁻¹ φ(targets) averaged over the kernel's blocks: (k, n_targets) from phi
-    (n_targets, k), i.e. Σ_b K_bb⁻¹ φ_b / B, B the blocks of ``factor`` (B, s, s)."""
+def solve_targets(
+    factor: np.ndarray, phi: Tensor, device: kernel_ops.DeviceLike = kernel_ops.CPU
+) -> Tensor:
+    """K⁻¹ φ(targets) averaged over the kernel's blocks: (k, n_targets) float64 on the CPU
+    from phi (n_targets, k), i.e. Σ_b K_bb⁻¹ φ_b / B, B the blocks of ``factor`` (B, s, s).
+    ``device``: where the solve runs (the CPU, or a CUDA device: float64 there)."""
     blocks = factor.shape[0] if factor.ndim == 3 else 1
+    device = kernel_ops.check_device(device)
+    if not kernel_ops.cpu_path(device):
+        return (kernel_ops.solve(factor, phi.to(device).T, device) / blocks).cpu()
     return kernel_ops.solve(factor, phi.cpu().T) / blocks

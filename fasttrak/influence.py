@@ -6,6 +6,8 @@ has on its diagonal, without the n × n matrix: with K_bb = L_b L_bᵀ,
 φ_bᵀ K_bb⁻¹ φ_b = ‖L_b⁻¹ φ_b‖², one triangular solve per block and row chunk. High values
 flag training examples that the model fits by memorising them (mislabelled, atypical), the
 usual first pass of data cleaning. Memory: one row chunk of features at a time, O(rows · k).
+On a CUDA ``device`` the factors are kept there and each chunk is copied there and solved
+there in float64; only the (n,) result comes back.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def self_influence(
     models: Sequence[tuple[ModelStore, dict[int, ChunkRecord]]],
     factors: Sequence[np.ndarray],
     estimator: Estimator,
+    device: kernel_ops.DeviceLike = kernel_ops.CPU,
 ) -> np.ndarray:
     """The self-influence of every training row: (n,) float32.
 
@@ -35,11 +38,14 @@ def self_influence(
             :func:`fasttrak.estimator.kernel_factor` for ``estimator``.
         estimator: the estimator the factors were built for (resolved here for the store);
             its number of kernel blocks B divides the sum over blocks.
+        device: where the triangular solves run: the CPU (default) or a CUDA device
+            (float64 there, the factors copied there once).
 
     Equal to the diagonal of ``np.asarray(trak.score(train_rows))`` (to float32 rounding:
     this is computed in float64) for the same models and estimator; every feature chunk is
     verified against its checksum as it is read.
     """
+    device = kernel_ops.check_device(device)
     models = list(models)
     factors = list(factors)
     if not models or len(factors) != len(models):
@@ -57,7 +63,7 @@ def self_influence(
                 f"the kernel factor of model {model.model_id} has shape {tuple(factor.shape)}, "
                 f"not ({blocks}, {size}, {size}) for k = {k} and {blocks} kernel blocks"
             )
-        tensors.append(torch.from_numpy(np.asarray(factor, dtype=np.float64)))
+        tensors.append(torch.from_numpy(np.asarray(factor, dtype=np.float64)).to(device))
     q = np.zeros(n, dtype=np.float64)
     for model, records in models:
         q += model.read_all("q", records).astype(np.float64)
@@ -65,12 +71,12 @@ def self_influence(
     out = np.empty(n, dtype=np.float32)
     for c in range(first.num_chunks):
         rows = first.chunk_slice(c)
-        total = torch.zeros(rows.stop - rows.start, dtype=torch.float64)
+        total = torch.zeros(rows.stop - rows.start, dtype=torch.float64, device=device)
         for (model, records), lower in zip(models, tensors, strict=True):
             block = np.asarray(model.read("features", records[c]), np.float32)
-            total += _quadratic_form(lower, torch.from_numpy(block), parts)
-        total *= torch.from_numpy(q[rows]) / (len(models) * blocks)
-        out[rows] = total.numpy()
+            total += _quadratic_form(lower, kernel_ops.to_device(block, device), parts)
+        total *= torch.from_numpy(q[rows]).to(device) / (len(models) * blocks)
+        out[rows] = total.cpu().numpy()
     return out
 
 
@@ -88,7 +94,7 @@ def _quadratic_form(factor: torch.Tensor, phi: torch.Tensor, parts: list[slice])
         rhs = phi.reshape(rows, blocks, size).permute(1, 2, 0)  # (B, s, rows)
         solved = torch.linalg.solve_triangular(factor, rhs, upper=False)
         return solved.square().sum(dim=(0, 1))
-    total = torch.zeros(rows, dtype=torch.float64)
+    total = torch.zeros(rows, dtype=torch.float64, device=phi.device)
     for b, part in enumerate(parts):
         s = part.stop - part.start
         solved = torch.linalg.solve_triangular(factor[b, :s, :s], phi[:, part].T, upper=False)

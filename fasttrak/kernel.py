@@ -10,14 +10,24 @@ B times less memory and solve work than one (k, k) block-diagonal matrix, B² le
 A saturated model (p = 1 - Q ≈ 1 on most training rows: trained to near-zero loss, or with
 huge logits) leaves the Gauss-Newton weights on a handful of rows; :func:`gauss_newton_weights`
 then floors them (the effective-rows guard, measured in docs/estimator.md) and warns.
+
+Where it runs: every function here that costs O(n k²), O(k³) or O(k² T) takes a ``device``
+(default the CPU, whose results are bit for bit those of fasttrak before it had one). On a
+CUDA device the row blocks are copied there one at a time (never more of Φ than one block),
+products run in the requested precision with TF32 off (:func:`full_precision_matmul`), the
+gram is summed in float64 there, and eigenvalues, Cholesky factors and solves are float64
+there; what is returned as numpy today is still returned as numpy. Any other device is a
+ConfigError here (:func:`linalg_device` maps a model's device to the one to use); a failure
+on CUDA raises, it never falls back to the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,18 +81,118 @@ AUTO_RIDGE_MIN = 1e-3
 so that a kernel of numerical rank below j (all-equal features) still gets a ridge."""
 
 
-def gram(blocks: Iterable[np.ndarray], k: int, precision: Precision = "float32") -> np.ndarray:
+CPU = torch.device("cpu")
+
+DeviceLike = torch.device | str
+
+
+def linalg_device(device: DeviceLike) -> torch.device:
+    """Where the kernel's linear algebra runs for a model on ``device``: that device when it
+    is a CUDA device, else the CPU (MPS and others lack float64, which the factors need)."""
+    device = torch.device(device)
+    return device if device.type == "cuda" else CPU
+
+
+def check_device(device: DeviceLike) -> torch.device:
+    """``device`` as a torch.device; ConfigError unless it is the CPU or a CUDA device."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"device must be 'cpu' or a CUDA device, got {device!r}") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"the kernel's linear algebra runs on the CPU or a CUDA device, not {device} "
+            "(float64 is needed); use fasttrak.kernel.linalg_device(device)"
+        )
+    return device
+
+
+def cpu_path(device: torch.device) -> bool:
+    """Whether work for ``device`` takes the CPU path (numpy and CPU torch, the bits of
+    fasttrak before devices) rather than the device path (float64 tensors on the device).
+    True exactly for the CPU; tests replace it to run the device path on CPU tensors."""
+    return device.type == "cpu"
+
+
+def _matmul_precision_attributes() -> list[Any]:
+    """The per-backend float32 matmul settings of torch >= 2.9 (``fp32_precision``)."""
+    owners = [torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)]
+    found = []
+    for owner in owners:
+        try:
+            if owner is not None and isinstance(owner.fp32_precision, str):
+                found.append(owner)
+        except (AttributeError, RuntimeError):
+            pass
+    return found
+
+
+@contextlib.contextmanager
+def full_precision_matmul(device: DeviceLike = CPU) -> Iterator[None]:
+    """Within the block, float32 matrix products on a CUDA ``device`` use full float32
+    (no TF32, whatever the user set with ``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.set_float32_matmul_precision`` or ``torch.backends.cuda.matmul.fp32_precision``);
+    the previous settings are restored on exit, even on an error. On the CPU it does nothing
+    (the CPU path keeps today's bits).
+
+    The settings are process-wide: float32 CUDA matmuls of other threads running at the
+    same moment are also exact. fasttrak enters it around each block product only (never
+    across a ``yield``), so user code never runs inside it."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    try:
+        legacy: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch >= 2.9 with the new per-backend API in use: none to restore
+        legacy = None
+    saved = [(owner, owner.fp32_precision) for owner in _matmul_precision_attributes()]
+    torch.set_float32_matmul_precision("highest")  # cuBLAS: ieee float32, consistently
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for owner, value in saved:
+            owner.fp32_precision = value
+
+
+def gram(
+    blocks: Iterable[np.ndarray | Tensor],
+    k: int,
+    precision: Precision = "float32",
+    device: DeviceLike = CPU,
+) -> np.ndarray:
     """Φᵀ Φ from row blocks of Φ (each (rows, k)): block products in ``precision``
-    (float32 or float64, never lower), summed in float64. Returns (k, k) float64."""
+    (float32 or float64, never lower), summed in float64. Returns (k, k) float64 numpy.
+
+    ``device``: the CPU (default; numpy blocks) or a CUDA device: each block (numpy, or a
+    tensor already there) is copied to it, multiplied there with TF32 off, and summed in
+    float64 there; only the (k, k) sum comes back."""
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if precision not in dtypes:
         raise ConfigError(f"precision must be 'float32' or 'float64', got {precision!r}")
     dtype = dtypes[precision]
-    total = torch.zeros((k, k), dtype=torch.float64)
+    device = check_device(device)
+    if cpu_path(device):
+        total = torch.zeros((k, k), dtype=torch.float64)
+        for block in blocks:
+            phi = torch.from_numpy(np.ascontiguousarray(block)).to(dtype)
+            total += (phi.T @ phi).double()
+        return total.numpy()
+    total = torch.zeros((k, k), dtype=torch.float64, device=device)
     for block in blocks:
-        phi = torch.from_numpy(np.ascontiguousarray(block)).to(dtype)
-        total += (phi.T @ phi).double()
-    return total.numpy()
+        phi = to_device(block, device).to(dtype)
+        with full_precision_matmul(device):
+            product = phi.T @ phi
+        total += product.double()
+    return total.cpu().numpy()
+
+
+def to_device(block: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """A block of rows on ``device`` (copied without waiting: a pageable source is staged
+    before the copy returns, so the numpy buffer may be freed at once)."""
+    tensor = block if isinstance(block, Tensor) else torch.from_numpy(np.ascontiguousarray(block))
+    return tensor.to(device, non_blocking=True)
 
 
 class NotPositiveDefiniteError(NumericalError, np.linalg.LinAlgError):
@@ -184,7 +294,11 @@ def warn_if_saturated(q: np.ndarray, model: int | None = None) -> Saturation:
 
 
 def ridge_value(
-    gram_matrix: np.ndarray, ridge: Ridge, num_rows: int, num_params: int | None = None
+    gram_matrix: np.ndarray,
+    ridge: Ridge,
+    num_rows: int,
+    num_params: int | None = None,
+    device: DeviceLike = CPU,
 ) -> float:
     """The absolute ridge λ added to the diagonal of G: ``ridge · trace(G) / min(n, k, p)``
     for a number, :func:`auto_ridge` for ``"auto"``.
@@ -193,7 +307,11 @@ def ridge_value(
     = p gradient coordinates (None: unknown, taken as >= k). G has at most min(n, k, p)
     nonzero eigenvalues (a projection to k > p adds none), and trace(G) / min(n, k, p) is
     their mean, so the best relative ridge drifts neither with k nor with n when p is small.
+    ``device``: where the trace and eigenvalues are computed (float64), see :func:`gram`.
     """
+    device = check_device(device)
+    if not cpu_path(device):
+        return _ridge_on_device(_float64_on(gram_matrix, device), ridge, num_rows, num_params)
     if isinstance(ridge, str) and ridge == "auto":
         return auto_ridge(gram_matrix, num_rows, num_params)
     if isinstance(ridge, str) or ridge < 0:
@@ -202,7 +320,37 @@ def ridge_value(
     return float(ridge * np.trace(gram_matrix) / rank)
 
 
-def auto_ridge(gram_matrix: np.ndarray, num_rows: int, num_params: int | None = None) -> float:
+def _float64_on(matrix: np.ndarray, device: torch.device) -> Tensor:
+    """A numpy matrix as a float64 tensor on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float64)).to(device)
+
+
+def _ridge_on_device(
+    matrix: Tensor, ridge: Ridge, num_rows: int, num_params: int | None = None
+) -> float:
+    """:func:`ridge_value` of a float64 (k, k) gram already on its (CUDA) device."""
+    rank = rank_bound(matrix.shape[0], num_rows, num_params)
+    trace = float(torch.trace(matrix))
+    if isinstance(ridge, str) and ridge == "auto":
+        j = _auto_ridge_rank(rank, num_rows, num_params)
+        eigenvalues = torch.linalg.eigvalsh(matrix)  # ascending
+        return max(AUTO_RIDGE_SCALE * float(eigenvalues[-j]), AUTO_RIDGE_MIN * trace / rank)
+    if isinstance(ridge, str) or ridge < 0:
+        raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
+    return float(ridge * trace / rank)
+
+
+def _auto_ridge_rank(rank: int, num_rows: int, num_params: int | None) -> int:
+    """j of :func:`auto_ridge`: round(AUTO_RIDGE_QUANTILE · min(n, p)) within [1, rank]."""
+    return min(rank, max(1, round(AUTO_RIDGE_QUANTILE * min(num_rows, num_params or num_rows))))
+
+
+def auto_ridge(
+    gram_matrix: np.ndarray,
+    num_rows: int,
+    num_params: int | None = None,
+    device: DeviceLike = CPU,
+) -> float:
     """λ = AUTO_RIDGE_SCALE · e_j, e_j the j-th largest eigenvalue of G (k, k), j =
     round(AUTO_RIDGE_QUANTILE · min(n, p)) within [1, min(n, k, p)]; at least AUTO_RIDGE_MIN ·
     trace / min(n, k, p). ``num_params`` None: p unknown, taken as >= n.
@@ -215,9 +363,12 @@ def auto_ridge(gram_matrix: np.ndarray, num_rows: int, num_params: int | None = 
     the same point of it at every k (3% of min(n, k, p) instead put λ in the steep top of a
     digits model's spectrum at k = 256 and lost 0.09-0.11 LDS there). Costs one symmetric
     eigenvalue decomposition of G (0.6 s for k = 2048 on one CPU core, 0.05 s for four blocks
-    of 512)."""
+    of 512; on a CUDA ``device``, computed there in float64)."""
+    device = check_device(device)
+    if not cpu_path(device):
+        return _ridge_on_device(_float64_on(gram_matrix, device), "auto", num_rows, num_params)
     rank = rank_bound(gram_matrix.shape[0], num_rows, num_params)
-    j = min(rank, max(1, round(AUTO_RIDGE_QUANTILE * min(num_rows, num_params or num_rows))))
+    j = _auto_ridge_rank(rank, num_rows, num_params)
     eigenvalues = np.linalg.eigvalsh(gram_matrix)  # ascending
     floor = AUTO_RIDGE_MIN * float(np.trace(gram_matrix)) / rank
     return max(AUTO_RIDGE_SCALE * float(eigenvalues[-j]), floor)
@@ -341,6 +492,7 @@ def block_diagonal_factor(
     blocks: int = 1,
     weighting: Weighting | None = None,
     num_params: int | None = None,
+    device: DeviceLike = CPU,
 ) -> np.ndarray:
     """Lower Cholesky factors of the B diagonal blocks G_bb + λ_b I of the kernel, one per
     :func:`block_slices` range, λ_b = ``ridge_value(G_bb, ridge, n, p)``; blocks=1 is the full
@@ -350,9 +502,24 @@ def block_diagonal_factor(
     fewer than s coordinates is padded with the identity, so that the padded system solves to zero
     there (see :func:`solve`). k²/B entries instead of the k² of one block-diagonal (k, k)
     matrix, and B factorisations of (k/B)³/3 flops instead of one of k³/3.
+
+    ``device``: a CUDA device copies the gram there once and computes every block's ridge
+    and factor there in float64 (see :func:`gram`); the result is numpy either way.
     """
     parts = block_slices(gram_matrix.shape[0], blocks)
     size = max(part.stop - part.start for part in parts)
+    device = check_device(device)
+    if not cpu_path(device):
+        matrix = _float64_on(gram_matrix, device)
+        _check_kernel_on_device(matrix, weighting)
+        factors = torch.zeros((len(parts), size, size), dtype=torch.float64, device=device)
+        for b, part in enumerate(parts):
+            s = part.stop - part.start
+            factors[b, :s, :s] = _cholesky_on_device(
+                matrix[part, part], ridge, num_rows, weighting, num_params
+            )
+            factors[b, range(s, size), range(s, size)] = 1.0
+        return factors.cpu().numpy()
     factor = np.zeros((len(parts), size, size), dtype=np.float64)
     for b, part in enumerate(parts):
         s = part.stop - part.start
@@ -369,28 +536,72 @@ def cholesky_factor(
     num_rows: int,
     weighting: Weighting | None = None,
     num_params: int | None = None,
+    device: DeviceLike = CPU,
 ) -> np.ndarray:
     """Lower Cholesky factor L of G + λ I in float64, λ = ``ridge_value(G, ridge, n, p)``.
 
     ``weighting``: the kernel G was built for (``"plain"``: Φᵀ Φ, ``"gauss_newton"``: Φᵀ R Φ),
     or None if unknown; it only makes the error for a zero kernel name the right cause.
+    ``device``: where the ridge and the factor are computed (float64, see :func:`gram`);
+    the factor is returned as numpy either way.
     """
-    if not np.isfinite(gram_matrix).all():
-        raise NumericalError("the kernel has NaN/inf entries; the stored features are corrupt")
-    if np.trace(gram_matrix) <= 0:
-        raise NumericalError(_zero_kernel_message(weighting))
+    device = check_device(device)
+    if not cpu_path(device):
+        matrix = _float64_on(gram_matrix, device)
+        _check_kernel_on_device(matrix, weighting)
+        return _cholesky_on_device(matrix, ridge, num_rows, weighting, num_params).cpu().numpy()
+    _check_kernel(gram_matrix, weighting)
     lam = ridge_value(gram_matrix, ridge, num_rows, num_params)
     matrix = torch.from_numpy(gram_matrix) + lam * torch.eye(
         gram_matrix.shape[0], dtype=torch.float64
     )
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) != 0:
-        raise NotPositiveDefiniteError(
-            f"the kernel Φᵀ Φ + λ I is not positive definite with ridge={ridge!r} (λ = {lam:.3g}); "
-            "pass a larger relative ridge=, e.g. 0.1 (the kernel is singular when k exceeds "
-            "the number of examples)"
-        )
+        raise _not_positive_definite(ridge, lam)
     return factor.numpy()
+
+
+def _check_kernel(gram_matrix: np.ndarray, weighting: Weighting | None) -> None:
+    """NumericalError for a gram with NaN/inf entries or a zero trace."""
+    if not np.isfinite(gram_matrix).all():
+        raise NumericalError("the kernel has NaN/inf entries; the stored features are corrupt")
+    if np.trace(gram_matrix) <= 0:
+        raise NumericalError(_zero_kernel_message(weighting))
+
+
+def _check_kernel_on_device(matrix: Tensor, weighting: Weighting | None) -> None:
+    """:func:`_check_kernel` of a float64 gram on its (CUDA) device."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise NumericalError("the kernel has NaN/inf entries; the stored features are corrupt")
+    if float(torch.trace(matrix)) <= 0:
+        raise NumericalError(_zero_kernel_message(weighting))
+
+
+def _not_positive_definite(ridge: Ridge, lam: float) -> NotPositiveDefiniteError:
+    return NotPositiveDefiniteError(
+        f"the kernel Φᵀ Φ + λ I is not positive definite with ridge={ridge!r} (λ = {lam:.3g}); "
+        "pass a larger relative ridge=, e.g. 0.1 (the kernel is singular when k exceeds "
+        "the number of examples)"
+    )
+
+
+def _cholesky_on_device(
+    matrix: Tensor,
+    ridge: Ridge,
+    num_rows: int,
+    weighting: Weighting | None,
+    num_params: int | None,
+) -> Tensor:
+    """The lower factor of ``matrix`` + λ I, all float64 on the matrix's (CUDA) device."""
+    if float(torch.trace(matrix)) <= 0:  # a diagonal block of a gram with a nonzero trace
+        raise NumericalError(_zero_kernel_message(weighting))
+    lam = _ridge_on_device(matrix, ridge, num_rows, num_params)
+    shifted = matrix.clone()
+    shifted.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0:
+        raise _not_positive_definite(ridge, lam)
+    return factor
 
 
 _NO_GRADIENT = (
@@ -420,20 +631,22 @@ def _zero_kernel_message(weighting: Weighting | None) -> str:
     )
 
 
-def solve(factor: np.ndarray, rhs: Tensor) -> Tensor:
-    """K⁻¹ rhs via Cholesky factors; rhs (k, T) -> (k, T) float64.
+def solve(factor: np.ndarray, rhs: Tensor, device: DeviceLike = CPU) -> Tensor:
+    """K⁻¹ rhs via Cholesky factors; rhs (k, T) -> (k, T) float64, on ``device`` (default the
+    CPU; a CUDA device: ``factor`` and ``rhs`` are copied there and solved in float64 there).
 
     ``factor`` is either one (k, k) lower factor (:func:`cholesky_factor`), or the (B, s, s)
     per-block factors of :func:`block_diagonal_factor`: then each block of rows of ``rhs``
     (the :func:`block_slices` of k into B) is solved with its own block, i.e. K is the
     block-diagonal kernel, in B small solves of 2 (k/B)² T flops instead of one of 2 k² T.
     """
-    rhs = rhs.double()
+    device = check_device(device)
+    rhs = rhs.to(device).double()
     if factor.ndim == 2:
-        return torch.cholesky_solve(rhs, torch.from_numpy(factor))
+        return torch.cholesky_solve(rhs, torch.from_numpy(factor).to(device))
     blocks, size = factor.shape[0], factor.shape[1]
     k, targets = rhs.shape
-    factors = torch.from_numpy(factor)
+    factors = torch.from_numpy(factor).to(device)
     if blocks * size == k:  # equal blocks: the rows of rhs are already (B, s, T)
         return torch.cholesky_solve(rhs.reshape(blocks, size, targets), factors).reshape(k, -1)
     parts = block_slices(k, blocks)

@@ -5,6 +5,7 @@ score(t, i) = mean_m(Q_m,i) · mean_m( φ_m(t)ᵀ K_m⁻¹ φ_m(i) )
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import zarr
 from torch import Tensor
 
+from fasttrak import kernel as kernel_ops
 from fasttrak.deprecation import deprecated
 from fasttrak.errors import ConfigError, ConfigTypeError, DataError, NumericalError
 from fasttrak.runners.base import Runner, check_runner
@@ -24,6 +26,8 @@ from fasttrak.store.core import sources_of
 from fasttrak.store.records import checksum, digest
 from fasttrak.store.saved import save_scores
 from fasttrak.validation import positive_int
+
+logger = logging.getLogger("fasttrak.scoring")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ class Scores:
     ``scores.topk(k)`` streams over training rows without building it; ``scores.save(path)``
     writes it to an on-disk zarr array chunk by chunk. Every block of stored features is
     verified against its checksum when it is read (StoreCorruptError otherwise).
+
+    ``device``: where each chunk's product features × solved targets runs: the CPU
+    (default), or a CUDA device (``TRAK.score`` passes :attr:`fasttrak.TRAK.linalg_device`):
+    each chunk of features is copied there, multiplied with the solved targets (kept there)
+    with TF32 off, summed over models in float64 there, and only the (n_targets, rows)
+    float32 result comes back. The solved targets stay on the CPU as well (for pickling).
     """
 
     def __init__(
@@ -77,7 +87,10 @@ class Scores:
         models: Sequence[tuple[ModelStore, dict[int, ChunkRecord]]],
         solved: Sequence[Tensor],
         q_mean: np.ndarray | None = None,
+        device: kernel_ops.DeviceLike = kernel_ops.CPU,
     ) -> None:
+        self.device = kernel_ops.check_device(device)
+        """Where the chunk products run (the CPU or a CUDA device)."""
         if len(models) != len(solved) or not models:
             raise ConfigError("need one solved target block per model, and at least one")
         self._models = list(models)
@@ -88,9 +101,10 @@ class Scores:
         # In float32 a small ridge leaves errors of ~1e-7 |φ|² / λ: measured relative error
         # 2e-3 at ridge 1e-6 and 0.19 at 1e-8 (n = 60, k = 4096), 1e-11 and 1e-9 in float64.
         self._solved = [
-            x.double() if model.num_rows < model.store.k else x.float()
+            (x.double() if model.num_rows < model.store.k else x.float()).cpu()
             for x, (model, _) in zip(solved, self._models, strict=True)
         ]
+        self._on_device: list[Tensor] | None = None  # the solved targets on a CUDA device
         self._dense: np.ndarray | None = None
         if q_mean is None:
             q = np.zeros(self._models[0][0].num_rows, dtype=np.float64)
@@ -129,7 +143,7 @@ class Scores:
         if len(set(ids)) != len(ids):
             raise ConfigError(f"scores to combine must come from distinct model ids, got {ids}")
         models = [m for s in parts for m in s._models]
-        return cls(models, [x for s in parts for x in s._solved])
+        return cls(models, [x for s in parts for x in s._solved], device=first.device)
 
     @property
     def model_ids(self) -> list[int]:
@@ -162,16 +176,35 @@ class Scores:
         self, skip: Set[int] = frozenset()
     ) -> Iterator[tuple[int, slice, np.ndarray]]:
         first = self._models[0][0]
+        device = self.device
+        if kernel_ops.cpu_path(device):
+            solved_blocks = self._solved
+        else:
+            if self._on_device is None:
+                self._on_device = [x.to(device) for x in self._solved]
+            solved_blocks = self._on_device
         for c in range(first.num_chunks):
             if c in skip:
                 continue
             rows = first.chunk_slice(c)
-            total = torch.zeros((rows.stop - rows.start, self.shape[0]), dtype=torch.float64)
-            for (ck, records), solved in zip(self._models, self._solved, strict=True):
-                phi = torch.from_numpy(np.asarray(ck.read("features", records[c]), np.float32))
-                total += (phi.to(solved.dtype) @ solved).double()
-            total *= torch.from_numpy(self.q_mean[rows]).double()[:, None] / len(self._solved)
-            yield c, rows, total.T.float().numpy()
+            if kernel_ops.cpu_path(device):
+                total = torch.zeros((rows.stop - rows.start, self.shape[0]), dtype=torch.float64)
+                for (ck, records), solved in zip(self._models, solved_blocks, strict=True):
+                    phi = torch.from_numpy(np.asarray(ck.read("features", records[c]), np.float32))
+                    total += (phi.to(solved.dtype) @ solved).double()
+                total *= torch.from_numpy(self.q_mean[rows]).double()[:, None] / len(self._solved)
+                yield c, rows, total.T.float().numpy()
+                continue
+            shape = (rows.stop - rows.start, self.shape[0])
+            total = torch.zeros(shape, dtype=torch.float64, device=device)
+            for (ck, records), solved in zip(self._models, solved_blocks, strict=True):
+                phi = kernel_ops.to_device(ck.read("features", records[c]), device)
+                with kernel_ops.full_precision_matmul(device):  # never held across the yield
+                    product = phi.to(solved.dtype) @ solved
+                total += product.double()
+            q = torch.from_numpy(self.q_mean[rows]).to(device).double()
+            total *= q[:, None] / len(self._solved)
+            yield c, rows, total.T.float().cpu().numpy()
 
     def numpy(self, runner: Runner | None = None) -> np.ndarray:
         """The dense (n_targets, n_train) float32 matrix (computed once, then kept).
@@ -191,13 +224,16 @@ class Scores:
         return dense if dtype is None else dense.astype(dtype)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Pickled as the store's path and what was solved, reopened where it is loaded
-        (a runner's worker): the features are read there, verified, not shipped."""
+        """Pickled as the store's path and what was solved (CPU tensors), reopened where it
+        is loaded (a runner's worker): the features are read there, verified, not shipped.
+        The device travels as a name: a CUDA device is kept where the loading process sees
+        that device, else the reopened scores run on the CPU (logged; a Ray task without a
+        GPU sees none)."""
         location = self._models[0][0].store.location
         if location is None:
             raise ConfigError("scores of an in-memory store (store=None) cannot be shipped")
         models = [(model.model_id, model.fingerprint, records) for model, records in self._models]
-        return (_reopen, (location, models, self._solved, self.q_mean))
+        return (_reopen, (location, models, self._solved, self.q_mean, str(self.device)))
 
     def topk(self, k: int, rows: Sequence[int] | None = None, runner: Runner | None = None) -> TopK:
         """The k highest (proponents) and k lowest (opponents) scores of every target,
@@ -323,11 +359,25 @@ def _reopen(
     models: list[tuple[int, str, dict[int, ChunkRecord]]],
     solved: list[Tensor],
     q_mean: np.ndarray,
+    device: str = "cpu",
 ) -> Scores:
-    """Scores rebuilt from :meth:`Scores.__reduce__`'s parts, on the store at ``location``."""
+    """Scores rebuilt from :meth:`Scores.__reduce__`'s parts, on the store at ``location``
+    (on ``device`` when it is the CPU or a CUDA device this process sees, else the CPU)."""
     store = Store.open_existing(location)
     stored = [(ModelStore(store, m, fingerprint), records) for m, fingerprint, records in models]
-    return Scores(stored, solved, q_mean)
+    return Scores(stored, solved, q_mean, device=_visible(device))
+
+
+def _visible(name: str) -> torch.device:
+    """The device named ``name`` if this process can use it, else the CPU (logged)."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else 0
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            return device
+        logger.info("scores made on %s reopened where it is not visible: on the CPU", name)
+        return kernel_ops.CPU
+    return kernel_ops.check_device(device)
 
 
 def _keep_top(values: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -90,7 +90,11 @@ class TRAK:
             (see docs/projections.md; defaults chosen in docs/lds_vs_cost.md).
         store: a directory for the zarr store (resumable, checksummed, safe for many
             processes at once; see docs/store.md), or None to keep it in memory.
-        device: where gradients and projections are computed.
+        device: where gradients and projections are computed; on a CUDA device also the
+            kernel's linear algebra (:attr:`linalg_device`: the gram, its eigenvalues and
+            Cholesky factors in :meth:`finalize`, the targets' solves and the scores'
+            chunk products, self-influence), in float64 or with TF32 off; on any other
+            device that runs on the CPU.
         seed: seed of the random projection (features are a pure function of it).
         params: which parameters are differentiated: None (all trainable), names or globs,
             submodules or module types.
@@ -219,6 +223,13 @@ class TRAK:
         )
         if self.excluded:
             logger.info("parameters left out by the projector: %s", self.excluded)
+
+    @property
+    def linalg_device(self) -> torch.device:
+        """Where finalize, the score products and self-influence run: :attr:`device` when it
+        is a CUDA device, else the CPU (whose results are those of the CPU path bit for bit;
+        see :mod:`fasttrak.kernel`)."""
+        return kernel_ops.linalg_device(self.device)
 
     @property
     def selected(self) -> list[str]:
@@ -509,12 +520,15 @@ class TRAK:
                     bar.update(where.stop - where.start)
 
         feats, qs = [], []
-        for where, phi, q in self.featurizer(model_id).features(state, task, batches()):
-            self._check_finite(q, where.start, model_id)
-            self._check_finite(phi, where.start, model_id)
+        for _, phi, q in self.featurizer(model_id).features(state, task, batches()):
             feats.append(phi)
             qs.append(q)
-        return torch.cat(feats), torch.cat(qs), np.concatenate(row_hashes)
+        # Checked once for the whole range, not per batch: each check reads a device value
+        # back (a sync that stalls a GPU between batches); nothing is written before it.
+        phi_all, q_all = torch.cat(feats), torch.cat(qs)
+        self._check_finite(q_all, span.start, model_id)
+        self._check_finite(phi_all, span.start, model_id)
+        return phi_all, q_all, np.concatenate(row_hashes)
 
     @staticmethod
     def _check_finite(values: Tensor, start: int, m: int) -> None:
@@ -542,8 +556,10 @@ class TRAK:
     ) -> None:
         """Build (or load) the kernel factor of every model in the store (or of
         ``model_ids``) for ``estimator`` (default :attr:`estimator`), each in one pass over
-        its stored features; with ``runner=ft.runners.Ray(...)`` that pass is split into
-        partial-gram tasks of 16 row chunks each, summed in order (the same bits)."""
+        its stored features, on :attr:`linalg_device` (a CUDA device, or the CPU); with
+        ``runner=ft.runners.Ray(...)`` that pass is split into partial-gram tasks of 16 row
+        chunks each, computed on the CPU of the tasks and summed in order (the same bits as
+        an in-process CPU finalize)."""
         chosen = self._estimator(estimator)
         ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
         if runner is not None:
@@ -560,9 +576,10 @@ class TRAK:
             total=groups, desc="finalize (gram)", unit="group", disable=not self.show_progress
         )
         logger.info("finalize models %s with %s: %d partial grams to build", ids, chosen, groups)
+        device = self.linalg_device
         with bar:
             for model, done in zip(stored, records, strict=True):
-                kernel_factor(model, done, chosen, self._factors, _counted(bar))
+                kernel_factor(model, done, chosen, self._factors, _counted(bar, device), device)
 
     def self_influence(
         self, model_ids: Sequence[int] | None = None, estimator: Estimator | None = None
@@ -570,16 +587,19 @@ class TRAK:
         """(n_train,) float32: each training example's score on itself, the diagonal of
         the train-by-train scores, mean_m(Q_m,i) · mean_m(φ_m,iᵀ K_m⁻¹ φ_m,i), streamed over
         row chunks in O(chunk_rows · k) memory (never an n × n matrix). High values flag
-        examples the models found hard or atypical: candidates for mislabeled data."""
+        examples the models found hard or atypical: candidates for mislabeled data. Runs on
+        :attr:`linalg_device`."""
         chosen = self._estimator(estimator)
         ids = self._stored_ids(model_ids)
         stored = [self.store.model(m) for m in ids]
         records = complete_models(stored)
+        device = self.linalg_device
         factors = [
-            kernel_factor(model, done, chosen, self._factors)
+            kernel_factor(model, done, chosen, self._factors, device=device)
             for model, done in zip(stored, records, strict=True)
         ]
-        return self_influence(list(zip(stored, records, strict=True)), factors, chosen)
+        models = list(zip(stored, records, strict=True))
+        return self_influence(models, factors, chosen, device=device)
 
     def _estimator(self, estimator: Estimator | None) -> Estimator:
         if estimator is None:
@@ -639,7 +659,9 @@ class TRAK:
         of the ids. ``estimator`` (default :attr:`estimator`) says how the kernel is built:
         the stored features serve every estimator, and each one's factor is cached in the
         store. ``runner``: where each model's part (its factor and the targets' features)
-        is computed: None (this process) or ``ft.runners.Ray(...)``.
+        is computed: None (this process) or ``ft.runners.Ray(...)``. In this process the
+        factors, the targets' solves and the scores' chunk products run on
+        :attr:`linalg_device` (the returned ``Scores`` keep it as their ``device``).
         """
         plan = self._score_plan(targets, checkpoints, batch_size, model_ids, estimator, models)
         logger.info(
@@ -661,7 +683,8 @@ class TRAK:
             for i in range(len(plan.ids)):
                 solved.append(self._solve(plan, i))
                 bar.update(1)
-        return Scores(list(zip(plan.stored, plan.records, strict=True)), solved)
+        parts = list(zip(plan.stored, plan.records, strict=True))
+        return Scores(parts, solved, device=self.linalg_device)
 
     def _score_plan(
         self,
@@ -713,8 +736,10 @@ class TRAK:
                 phi, _, _ = self._features(
                     plan.target_rows, everything, state, model.model_id, task, hashes=False
                 )
-            factor = kernel_factor(model, plan.records[i], plan.estimator, self._factors)
-            return solve_targets(factor, phi)
+            device = self.linalg_device
+            records = plan.records[i]
+            factor = kernel_factor(model, records, plan.estimator, self._factors, device=device)
+            return solve_targets(factor, phi, device)
 
     # ------------------------------------------------------------------ helpers
     def _load_checkpoints(
@@ -853,8 +878,8 @@ class ScorePlan:
 CHECK_DATA = ("auto", "full", "sample")
 
 
-def _counted(bar: Any) -> PartialGrams:
-    """In-process partial grams that advance ``bar`` by one per group."""
+def _counted(bar: Any, device: torch.device = kernel_ops.CPU) -> PartialGrams:
+    """In-process partial grams (on ``device``) that advance ``bar`` by one per group."""
 
     def partials(
         model: ModelStore,
@@ -862,7 +887,7 @@ def _counted(bar: Any) -> PartialGrams:
         estimator: Estimator,
         groups: list[range],
     ) -> Iterator[np.ndarray]:
-        for partial in local_partial_grams(model, records, estimator, groups):
+        for partial in local_partial_grams(model, records, estimator, groups, device):
             yield partial
             bar.update(1)
 
