@@ -193,7 +193,8 @@ three up to 2**18; radix-2 butterflies took 11 memory-bound passes of two kernel
 k = 2048. The matmuls run at the float32 matmul precision the user set: full float32 by
 PyTorch's default; with TF32 enabled (``torch.backends.cuda.matmul.fp32_precision = "tf32"``)
 each pass rounds its input to 10 mantissa bits, a relative error of about 5e-4 per feature,
-the size of float16 storage's rounding."""
+the size of float16 storage's rounding. Projections follow the user's setting; only the
+kernel's products switch TF32 off (:func:`fasttrak.kernel.full_precision_matmul`)."""
 
 MIN_BLOCK = 64
 """Smallest block cut from the rest of a parameter; fewer coordinates are zero-padded."""

@@ -24,7 +24,9 @@
 # A second try names only the stages it needs; on a fresh machine `install` first, e.g.
 #     bash scripts/gpu/run.sh install env featurize
 #
-# Knobs (environment): GPU_BUDGET (540), GPU_WHEELS (.gpu_wheels), PYTHON (python3),
+# Knobs (environment): GPU_BUDGET (540), GPU_FEATURIZE_KEEP (200: seconds the featurize stage
+# keeps for itself and later stages while it waits for the fast_jl build), GPU_WHEELS
+# (.gpu_wheels), PYTHON (python3),
 # GPU_TEST_WORKERS (8, with pytest-xdist), GPU_DEVICE (cuda) and GPU_QUICK=1 (adds --quick):
 # the last two make a CPU dry run possible (tests/test_gpu_scripts.py, docs/gpu.md).
 set -uo pipefail
@@ -193,8 +195,9 @@ for s in "${STAGES[@]}"; do
         projection) stage projection 90 bash -c 'bench benchmarks/gpu_projection.py $SIZE_PROJECTION' ;;
         lm) stage lm 120 bash -c 'bench benchmarks/gpu_lm.py $SIZE_LM' ;;
         featurize)
-            # the featurize stage keeps 200 s of what is left (it takes ~60-100 s)
-            wait=$(($(left) - 200))
+            # wait for the fast_jl build while more than GPU_FEATURIZE_KEEP seconds are left
+            # (default 200: featurize takes ~60-100 s; less when only lm follows)
+            wait=$(($(left) - ${GPU_FEATURIZE_KEEP:-200}))
             [ "$wait" -gt 120 ] && wait=120
             [ "$wait" -lt 0 ] && wait=0
             wait_fast_jl "$wait"
