@@ -242,14 +242,19 @@ def seeds_section(measured_all: list[dict[str, Any]], study_all: list[dict[str, 
                 if any(v is None for v in vals):
                     continue
                 regrets = [best[case, k, big_m, s] - v for s, v in zip(seeds, vals, strict=True)]
-                shorts = [
-                    max(lds_of[case, k, s, end, DEFAULT_SCALE, ens] for end in ("g0", "g1")) - v
-                    for s, v in zip(seeds, vals, strict=True)
-                ]
+                # shortfall from the better end that was measured at that seed (a run with
+                # --variants may have left out g0 or g1)
+                shorts = []
+                for s, v in zip(seeds, vals, strict=True):
+                    ends = [lds_of.get((case, k, s, e, DEFAULT_SCALE, ens)) for e in ("g0", "g1")]
+                    measured_ends = [e for e in ends if e is not None]
+                    if measured_ends:
+                        shorts.append(max(measured_ends) - v)
+                short = fmt(float(np.mean(shorts))) if shorts else "–"
                 out.append(
                     f"| {name} | "
                     + " | ".join(fmt(x) for x in regrets)
-                    + f" | {fmt(float(np.mean(regrets)))} | {fmt(float(np.mean(shorts)))} |"
+                    + f" | {fmt(float(np.mean(regrets)))} | {short} |"
                 )
     return out
 
