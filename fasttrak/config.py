@@ -129,6 +129,7 @@ TRAK_TYPES = {
     "precision": STR,
     "kernel": STR,
     "kernel_blocks": INT,
+    "weight_power": FLOAT,
     "engine": STR,
     "vmap_chunk_size": INT,
     "progress": BOOL,

@@ -45,11 +45,13 @@ BLOCKS_MAX_ROWS_PER_DIM = 0.5
 class Estimator:
     """How scores are computed from stored features (chosen at scoring time).
 
-    kernel: ``"gauss_newton"`` (Φᵀ R Φ with R = Q (1 - Q) per training example; influence
-        functions on convex models) or ``"plain"`` (Φᵀ Φ, the paper's).
-    ridge: ``"auto"`` (default): λ = 0.14 · e_j, the kernel's j-th largest eigenvalue with
+    kernel: ``"gauss_newton"`` (default: Φᵀ R Φ with R = (Q (1 - Q))^γ per training
+        example, γ = ``weight_power``) or ``"plain"`` (Φᵀ Φ, the paper's).
+    ridge: ``"auto"`` (default): λ = c · e_j, the kernel's j-th largest eigenvalue with
         j = 3% of min(n, p) (p: the attributed parameters), per kernel block
-        (:func:`fasttrak.kernel.auto_ridge`); or a number, the relative ridge
+        (:func:`fasttrak.kernel.auto_ridge`); c = 0.14, raised for a model scored alone
+        (``ensemble_size`` 1) when its kernel's spectrum is flat
+        (:func:`fasttrak.kernel.single_model_factor`); or a number, the relative ridge
         λ = ridge · trace(Φᵀ R Φ) / min(n, k, p), a fraction of the kernel's mean nonzero
         eigenvalue. Why "auto": the best relative ridge runs from 0.1 to 3 across the
         quality suite (docs/quality.md), following how fast the spectrum decays.
@@ -63,12 +65,25 @@ class Estimator:
         into them and a small ridge amplifies it (relative error ~1e-8 / ridge: 1e-4 at
         ridge 1e-4, 1e-2 at 1e-6; float64: 5e-8 at every ridge, tests/test_oracle.py), at
         twice the cost of a gram that is then small (n k² flops with n < k).
+    weight_power: γ in (0, 1], the power of the (guarded) Gauss-Newton weights; used by
+        ``kernel="gauss_newton"`` only. 1 is the Gauss-Newton Hessian of the loss in the
+        model output (the influence function on logistic regression); the default 0.75
+        tempers it towards the plain kernel and had the smaller worst-case regret on the
+        quality suite (with 5 models at every k; with 1 over all k together; docs/quality.md,
+        "The kernel").
+    ensemble_size: how many models' scores are averaged, which the ``"auto"`` ridge depends
+        on (one model alone gets a larger one where its spectrum is flat). None (default):
+        the number of models scored, decided by :meth:`fasttrak.TRAK.score` (and
+        ``finalize``, ``self_influence``). Set it when scoring the models of one ensemble
+        separately for :meth:`fasttrak.Scores.combine`: ``ft.Estimator(ensemble_size=M)``.
     """
 
     kernel: kernel_ops.Weighting = "gauss_newton"
     ridge: kernel_ops.Ridge = kernel_ops.DEFAULT_RIDGE
     kernel_blocks: int | None = None
     precision: Literal["auto", "float32", "float64"] = "auto"
+    weight_power: float = kernel_ops.DEFAULT_WEIGHT_POWER
+    ensemble_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in kernel_ops.WEIGHTINGS:
@@ -90,9 +105,25 @@ class Estimator:
                     f"mean eigenvalue), got {ridge!r}"
                 )
             object.__setattr__(self, "ridge", float(ridge))
+        power = self.weight_power
+        if (
+            isinstance(power, bool)
+            or not isinstance(power, (int, float, np.integer, np.floating))
+            or not 0 < power <= 1
+        ):
+            raise ConfigError(
+                f"weight_power must be a number in (0, 1] (the power γ of the Gauss-Newton "
+                f"weights; 1: the Gauss-Newton kernel itself; for γ = 0 use kernel='plain'), "
+                f"got {power!r}"
+            )
+        object.__setattr__(self, "weight_power", float(power))
         if self.kernel_blocks is not None:
             object.__setattr__(
                 self, "kernel_blocks", positive_int("kernel_blocks", self.kernel_blocks)
+            )
+        if self.ensemble_size is not None:
+            object.__setattr__(
+                self, "ensemble_size", positive_int("ensemble_size", self.ensemble_size)
             )
 
     def for_dim(self, k: int) -> Estimator:
@@ -121,6 +152,26 @@ class Estimator:
             chosen = replace(chosen, precision="float64" if num_rows < k else "float32")
         return chosen
 
+    def for_models(self, count: int) -> Estimator:
+        """This estimator for scores averaged over ``count`` models: ``ensemble_size=None``
+        becomes ``count`` (an explicit ensemble_size is kept)."""
+        if self.ensemble_size is not None:
+            return self
+        return replace(self, ensemble_size=positive_int("number of models", count))
+
+    @property
+    def single_model(self) -> bool:
+        """Whether the ``"auto"`` ridge is the single-model one (ensemble_size 1); False for a
+        numeric ridge, which does not depend on the ensemble."""
+        if not (isinstance(self.ridge, str) and self.ridge == "auto"):
+            return False
+        if self.ensemble_size is None:
+            raise ConfigError(
+                "ensemble_size is not decided yet: call estimator.for_models(number of models) "
+                "first (TRAK.score, finalize and self_influence do)"
+            )
+        return self.ensemble_size == 1
+
     def resolved(self, model: ModelStore) -> Estimator:
         """:meth:`for_rows` for one stored model."""
         return self.for_rows(model.num_rows, model.store.k, model.store.num_params)
@@ -144,6 +195,8 @@ class Estimator:
         gram: dict[str, Any] = {"kernel": self.kernel, "precision": self.precision}
         if self.kernel == "gauss_newton":  # grams of other guards (or none) are not reused
             gram["guard"] = kernel_ops.GAUSS_NEWTON_GUARD
+            if self.weight_power != 1:  # γ = 1 keeps the key of grams cached before γ existed
+                gram["power"] = self.weight_power
         return gram
 
     def factor_settings(self) -> dict[str, Any]:
@@ -153,6 +206,11 @@ class Estimator:
                 f"{kernel_ops.AUTO_RIDGE_SCALE}*eig[{kernel_ops.AUTO_RIDGE_QUANTILE}*min(n,p)]"
                 f">={kernel_ops.AUTO_RIDGE_MIN}*trace/min(n,k,p)"
             )
+            if self.single_model:  # ensembles keep the key factors had before the rule
+                relative_to += (
+                    f";one model: scale*max(1,s/{kernel_ops.SINGLE_MODEL_RANK})"
+                    f"**{kernel_ops.SINGLE_MODEL_POWER},s=trace^2/|G|_F^2/min(n,k,p)"
+                )
         else:
             relative_to = "trace/min(n,k,p)"
         return {
@@ -233,6 +291,7 @@ def kernel_factor(
         weighting=estimator.kernel,
         num_params=model.store.num_params,
         device=device,
+        single_model=estimator.single_model,
     )
     if writable:
         model.write_kernel("factor", factor_settings, records, factor, (1, *factor.shape[1:]))
@@ -311,11 +370,14 @@ def _device_kernel_rows(
 def kernel_weights(
     model: ModelStore, records: dict[int, ChunkRecord], estimator: Estimator
 ) -> np.ndarray | None:
-    """R^½ (n,) float64 for the Gauss-Newton kernel (guarded against saturation, warns when
-    the guard acts), None for the plain kernel (which warns when Q is saturated)."""
+    """R^½ = w^(γ/2) (n,) float64 for the Gauss-Newton kernel, w its weights Q (1 - Q) guarded
+    against saturation (warns when the guard acts) and γ the estimator's ``weight_power``;
+    None for the plain kernel (which warns when Q is saturated)."""
     q = model.read_all("q", records)
     if estimator.kernel == "gauss_newton":
-        return np.sqrt(kernel_ops.gauss_newton_weights(q, k=model.store.k, model=model.model_id))
+        w = kernel_ops.gauss_newton_weights(q, k=model.store.k, model=model.model_id)
+        power = estimator.weight_power
+        return np.sqrt(w) if power == 1 else np.power(w, power / 2)
     kernel_ops.warn_if_saturated(q, model=model.model_id)
     return None
 

@@ -1,8 +1,9 @@
 """The kernel of one checkpoint, K = Φᵀ R Φ + λ I, and solves with its Cholesky factor.
 
-R is I (``"plain"``, the paper's TRAK) or diag(p_i (1 - p_i)) (``"gauss_newton"``: the
-Gauss-Newton Hessian of the loss in the model output; on logistic regression this turns the
-estimator into the influence function). A block-diagonal kernel keeps only B diagonal blocks
+R is I (``"plain"``, the paper's TRAK) or diag(w_i^γ) with w_i = p_i (1 - p_i)
+(``"gauss_newton"``; γ = 1 is the Gauss-Newton Hessian of the loss in the model output, which
+on logistic regression turns the estimator into the influence function; the default γ is
+:data:`DEFAULT_WEIGHT_POWER`). A block-diagonal kernel keeps only B diagonal blocks
 of K, one per contiguous group of k/B coordinates, and averages the B estimates: a "virtual
 ensemble" from one backward pass. Its factors are kept and solved per block, (B, k/B, k/B):
 B times less memory and solve work than one (k, k) block-diagonal matrix, B² less to factor.
@@ -49,6 +50,18 @@ GUARD_FRACTION = 0.1
 case over 21 trained models in docs/estimator.md ("Saturated models"): 0.05 to 0.2 are within
 0.03 of each other there; 0.03 leaves a degenerate digits MLP unguarded (-0.11 LDS)."""
 
+DEFAULT_WEIGHT_POWER = 0.75
+"""γ of the default Gauss-Newton kernel Φᵀ R Φ with R = w^γ, w the guarded weights Q (1 - Q)
+of :func:`gauss_newton_weights` (γ = 1: the Gauss-Newton Hessian itself; γ = 0: the plain
+kernel). Chosen on the quality suite (docs/quality.md, "The kernel"): γ = 0.75 is never more
+than 0.006 LDS below the better of the plain and Gauss-Newton kernels and beats both where
+neither fits (the CNN and the text model with 5 models: +0.005-0.013). Worst regret over the 8
+cases (mean of 3 projection draws): with 5 models below γ = 1's at every k (0.009-0.014
+against 0.013-0.021); with 1 model below it over k = 256-4096 together (0.030 against 0.039,
+the text model) but 0.003-0.005 above it at k = 256, 2048 and 4096 (two MLPs whose single-model
+ridge :data:`SINGLE_MODEL_POWER` raises). γ = 0.5-0.6 lose 0.01-0.025 on the logistic
+regression, where γ = 1 is the exact Hessian."""
+
 GAUSS_NEWTON_GUARD = {"guard": "effective_rows", "fraction": GUARD_FRACTION}
 """What identifies the guard in a cache key: a Gauss-Newton gram built with other weights
 (e.g. by a fasttrak without the guard) must not be reused."""
@@ -75,6 +88,22 @@ scale of 0.07 on the 8 cases of the quality suite at k = 2048 and M = 5 models (
 0.012; refitted on 7 cases, worst on the 8th 0.013); the scale was then chosen from 0.07,
 0.1, 0.14, 0.2 and 0.3 by the worst regret over k = 256 to 4096 and M = 1 and 5
 (docs/quality.md): 0.14 keeps M = 5 within 0.022 and brings M = 1 from 0.044 to 0.031."""
+
+SINGLE_MODEL_RANK = 0.1
+"""``"auto"`` for a model scored alone (ensemble size 1): the scale is raised when the gram's
+relative effective rank s = trace(G)² / ‖G‖²_F / min(n, k, p) exceeds this (see
+:func:`single_model_factor`)."""
+
+SINGLE_MODEL_POWER = 1.5
+"""``"auto"`` for a model scored alone: the scale is multiplied by (s / SINGLE_MODEL_RANK) to
+this power where s exceeds SINGLE_MODEL_RANK. Both constants were fitted on the quality suite
+(``benchmarks/quality/single_model_ridge_study.py``, docs/quality.md "One model"): with one
+model, the cases whose kernel spectrum is flat (s of 0.13-0.76: many rows, noisy training)
+want a 2-30 times larger scale, those with steep spectra (s < 0.1) want 0.14 or less, and
+with 5 models every case wants about 0.14 (the average over models damps what the larger
+ridge damps for one). Worst regret with one model 0.028 -> 0.020 over 8 cases x 4 k, 0.021
+with the constants refitted without the case judged; any constants in [0.085, 0.12] x
+[1.25, 2] give the same worst case."""
 
 AUTO_RIDGE_MIN = 1e-3
 """``"auto"``: λ is at least this fraction of the mean nonzero eigenvalue trace / min(n, k, p),
@@ -299,6 +328,8 @@ def ridge_value(
     num_rows: int,
     num_params: int | None = None,
     device: DeviceLike = CPU,
+    *,
+    single_model: bool = False,
 ) -> float:
     """The absolute ridge λ added to the diagonal of G: ``ridge · trace(G) / min(n, k, p)``
     for a number, :func:`auto_ridge` for ``"auto"``.
@@ -308,12 +339,14 @@ def ridge_value(
     nonzero eigenvalues (a projection to k > p adds none), and trace(G) / min(n, k, p) is
     their mean, so the best relative ridge drifts neither with k nor with n when p is small.
     ``device``: where the trace and eigenvalues are computed (float64), see :func:`gram`.
+    ``single_model``: the model is scored alone (see :func:`auto_ridge`; only "auto" uses it).
     """
     device = check_device(device)
     if not cpu_path(device):
-        return _ridge_on_device(_float64_on(gram_matrix, device), ridge, num_rows, num_params)
+        matrix = _float64_on(gram_matrix, device)
+        return _ridge_on_device(matrix, ridge, num_rows, num_params, single_model=single_model)
     if isinstance(ridge, str) and ridge == "auto":
-        return auto_ridge(gram_matrix, num_rows, num_params)
+        return auto_ridge(gram_matrix, num_rows, num_params, single_model=single_model)
     if isinstance(ridge, str) or ridge < 0:
         raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
     rank = rank_bound(gram_matrix.shape[0], num_rows, num_params)
@@ -326,7 +359,12 @@ def _float64_on(matrix: np.ndarray, device: torch.device) -> Tensor:
 
 
 def _ridge_on_device(
-    matrix: Tensor, ridge: Ridge, num_rows: int, num_params: int | None = None
+    matrix: Tensor,
+    ridge: Ridge,
+    num_rows: int,
+    num_params: int | None = None,
+    *,
+    single_model: bool = False,
 ) -> float:
     """:func:`ridge_value` of a float64 (k, k) gram already on its (CUDA) device."""
     rank = rank_bound(matrix.shape[0], num_rows, num_params)
@@ -334,7 +372,10 @@ def _ridge_on_device(
     if isinstance(ridge, str) and ridge == "auto":
         j = _auto_ridge_rank(rank, num_rows, num_params)
         eigenvalues = torch.linalg.eigvalsh(matrix)  # ascending
-        return max(AUTO_RIDGE_SCALE * float(eigenvalues[-j]), AUTO_RIDGE_MIN * trace / rank)
+        scale = AUTO_RIDGE_SCALE
+        if single_model:
+            scale *= single_model_factor(trace, float(torch.sum(matrix * matrix)), rank)
+        return max(scale * float(eigenvalues[-j]), AUTO_RIDGE_MIN * trace / rank)
     if isinstance(ridge, str) or ridge < 0:
         raise ConfigError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
     return float(ridge * trace / rank)
@@ -345,15 +386,28 @@ def _auto_ridge_rank(rank: int, num_rows: int, num_params: int | None) -> int:
     return min(rank, max(1, round(AUTO_RIDGE_QUANTILE * min(num_rows, num_params or num_rows))))
 
 
+def single_model_factor(trace: float, frobenius_squared: float, rank: int) -> float:
+    """How much larger the ``"auto"`` ridge's scale is for a model scored alone:
+    max(1, s / SINGLE_MODEL_RANK) ** SINGLE_MODEL_POWER, s = trace² / ‖G‖²_F / rank the
+    gram's effective rank over its rank bound min(n, k, p) (in (0, 1]: 1 for a flat spectrum,
+    1 / rank for a single direction). Needs trace > 0 (a checked kernel)."""
+    relative_rank = trace * trace / frobenius_squared / rank
+    return max(1.0, relative_rank / SINGLE_MODEL_RANK) ** SINGLE_MODEL_POWER
+
+
 def auto_ridge(
     gram_matrix: np.ndarray,
     num_rows: int,
     num_params: int | None = None,
     device: DeviceLike = CPU,
+    *,
+    single_model: bool = False,
 ) -> float:
-    """λ = AUTO_RIDGE_SCALE · e_j, e_j the j-th largest eigenvalue of G (k, k), j =
+    """λ = c · e_j, e_j the j-th largest eigenvalue of G (k, k), j =
     round(AUTO_RIDGE_QUANTILE · min(n, p)) within [1, min(n, k, p)]; at least AUTO_RIDGE_MIN ·
-    trace / min(n, k, p). ``num_params`` None: p unknown, taken as >= n.
+    trace / min(n, k, p). ``num_params`` None: p unknown, taken as >= n. c = AUTO_RIDGE_SCALE,
+    times :func:`single_model_factor` when ``single_model`` (the model's scores are not
+    averaged with other models': an ensemble of one).
 
     The ridge damps the directions below the top few percent of the spectrum of the
     gradient kernel, however fast it decays: a fraction of the mean eigenvalue (a relative
@@ -366,12 +420,16 @@ def auto_ridge(
     of 512; on a CUDA ``device``, computed there in float64)."""
     device = check_device(device)
     if not cpu_path(device):
-        return _ridge_on_device(_float64_on(gram_matrix, device), "auto", num_rows, num_params)
+        matrix = _float64_on(gram_matrix, device)
+        return _ridge_on_device(matrix, "auto", num_rows, num_params, single_model=single_model)
     rank = rank_bound(gram_matrix.shape[0], num_rows, num_params)
     j = _auto_ridge_rank(rank, num_rows, num_params)
     eigenvalues = np.linalg.eigvalsh(gram_matrix)  # ascending
-    floor = AUTO_RIDGE_MIN * float(np.trace(gram_matrix)) / rank
-    return max(AUTO_RIDGE_SCALE * float(eigenvalues[-j]), floor)
+    trace = float(np.trace(gram_matrix))
+    scale = AUTO_RIDGE_SCALE
+    if single_model:
+        scale *= single_model_factor(trace, float(np.sum(gram_matrix * gram_matrix)), rank)
+    return max(scale * float(eigenvalues[-j]), AUTO_RIDGE_MIN * trace / rank)
 
 
 def rank_bound(k: int, num_rows: int, num_params: int | None) -> int:
@@ -493,6 +551,8 @@ def block_diagonal_factor(
     weighting: Weighting | None = None,
     num_params: int | None = None,
     device: DeviceLike = CPU,
+    *,
+    single_model: bool = False,
 ) -> np.ndarray:
     """Lower Cholesky factors of the B diagonal blocks G_bb + λ_b I of the kernel, one per
     :func:`block_slices` range, λ_b = ``ridge_value(G_bb, ridge, n, p)``; blocks=1 is the full
@@ -505,6 +565,7 @@ def block_diagonal_factor(
 
     ``device``: a CUDA device copies the gram there once and computes every block's ridge
     and factor there in float64 (see :func:`gram`); the result is numpy either way.
+    ``single_model``: the model is scored alone (the "auto" ridge, :func:`auto_ridge`).
     """
     parts = block_slices(gram_matrix.shape[0], blocks)
     size = max(part.stop - part.start for part in parts)
@@ -516,7 +577,7 @@ def block_diagonal_factor(
         for b, part in enumerate(parts):
             s = part.stop - part.start
             factors[b, :s, :s] = _cholesky_on_device(
-                matrix[part, part], ridge, num_rows, weighting, num_params
+                matrix[part, part], ridge, num_rows, weighting, num_params, single_model
             )
             factors[b, range(s, size), range(s, size)] = 1.0
         return factors.cpu().numpy()
@@ -524,7 +585,12 @@ def block_diagonal_factor(
     for b, part in enumerate(parts):
         s = part.stop - part.start
         factor[b, :s, :s] = cholesky_factor(
-            gram_matrix[part, part], ridge, num_rows, weighting, num_params
+            gram_matrix[part, part],
+            ridge,
+            num_rows,
+            weighting,
+            num_params,
+            single_model=single_model,
         )
         factor[b, range(s, size), range(s, size)] = 1.0
     return factor
@@ -537,6 +603,8 @@ def cholesky_factor(
     weighting: Weighting | None = None,
     num_params: int | None = None,
     device: DeviceLike = CPU,
+    *,
+    single_model: bool = False,
 ) -> np.ndarray:
     """Lower Cholesky factor L of G + λ I in float64, λ = ``ridge_value(G, ridge, n, p)``.
 
@@ -549,9 +617,10 @@ def cholesky_factor(
     if not cpu_path(device):
         matrix = _float64_on(gram_matrix, device)
         _check_kernel_on_device(matrix, weighting)
-        return _cholesky_on_device(matrix, ridge, num_rows, weighting, num_params).cpu().numpy()
+        factor = _cholesky_on_device(matrix, ridge, num_rows, weighting, num_params, single_model)
+        return factor.cpu().numpy()
     _check_kernel(gram_matrix, weighting)
-    lam = ridge_value(gram_matrix, ridge, num_rows, num_params)
+    lam = ridge_value(gram_matrix, ridge, num_rows, num_params, single_model=single_model)
     matrix = torch.from_numpy(gram_matrix) + lam * torch.eye(
         gram_matrix.shape[0], dtype=torch.float64
     )
@@ -591,11 +660,12 @@ def _cholesky_on_device(
     num_rows: int,
     weighting: Weighting | None,
     num_params: int | None,
+    single_model: bool = False,
 ) -> Tensor:
     """The lower factor of ``matrix`` + λ I, all float64 on the matrix's (CUDA) device."""
     if float(torch.trace(matrix)) <= 0:  # a diagonal block of a gram with a nonzero trace
         raise NumericalError(_zero_kernel_message(weighting))
-    lam = _ridge_on_device(matrix, ridge, num_rows, num_params)
+    lam = _ridge_on_device(matrix, ridge, num_rows, num_params, single_model=single_model)
     shifted = matrix.clone()
     shifted.diagonal().add_(lam)
     factor, info = torch.linalg.cholesky_ex(shifted)

@@ -80,6 +80,10 @@ class Scores:
     each chunk of features is copied there, multiplied with the solved targets (kept there)
     with TF32 off, summed over models in float64 there, and only the (n_targets, rows)
     float32 result comes back. The solved targets stay on the CPU as well (for pickling).
+
+    ``single_model_ridge``: the targets were solved with the ``"auto"`` ridge of a model
+    scored alone (:attr:`fasttrak.Estimator.single_model`); :meth:`combine` refuses to put
+    such scores into an ensemble of more models.
     """
 
     def __init__(
@@ -88,8 +92,11 @@ class Scores:
         solved: Sequence[Tensor],
         q_mean: np.ndarray | None = None,
         device: kernel_ops.DeviceLike = kernel_ops.CPU,
+        single_model_ridge: bool = False,
     ) -> None:
         self.device = kernel_ops.check_device(device)
+        self.single_model_ridge = bool(single_model_ridge)
+        """Whether the targets were solved with the single-model "auto" ridge."""
         """Where the chunk products run (the CPU or a CUDA device)."""
         if len(models) != len(solved) or not models:
             raise ConfigError("need one solved target block per model, and at least one")
@@ -123,8 +130,11 @@ class Scores:
     @classmethod
     def combine(cls, parts: Sequence[Scores]) -> Scores:
         """The ensemble over the union of the parts' models: equal to scoring with all of
-        their model ids at once (the same targets and store, distinct model ids). Lets
-        scores of models computed separately (other processes, other estimators) merge."""
+        their model ids at once (the same targets and store, distinct model ids) when each
+        part was scored with ``estimator=ft.Estimator(ensemble_size=M)``, M the combined
+        number of models (the "auto" ridge of a model scored alone is larger: a part scored
+        alone with it cannot join an ensemble, ConfigError). Lets scores of models computed
+        separately (other processes, other estimators) merge."""
         parts = list(parts)
         if not parts or not all(isinstance(s, Scores) for s in parts):
             raise ConfigTypeError("Scores.combine takes a non-empty list of ft.Scores")
@@ -142,6 +152,14 @@ class Scores:
             ids.extend(model.model_id for model, _ in s._models)
         if len(set(ids)) != len(ids):
             raise ConfigError(f"scores to combine must come from distinct model ids, got {ids}")
+        alone = [s.model_ids for s in parts if s.single_model_ridge]
+        if len(ids) > 1 and alone:
+            raise ConfigError(
+                f"scores of models {alone} were solved with the 'auto' ridge of a model scored "
+                f"alone (larger than an ensemble's), so they cannot join an ensemble of "
+                f"{len(ids)} models; score each part with "
+                f"estimator=ft.Estimator(ensemble_size={len(ids)})"
+            )
         models = [m for s in parts for m in s._models]
         return cls(models, [x for s in parts for x in s._solved], device=first.device)
 
@@ -233,7 +251,17 @@ class Scores:
         if location is None:
             raise ConfigError("scores of an in-memory store (store=None) cannot be shipped")
         models = [(model.model_id, model.fingerprint, records) for model, records in self._models]
-        return (_reopen, (location, models, self._solved, self.q_mean, str(self.device)))
+        return (
+            _reopen,
+            (
+                location,
+                models,
+                self._solved,
+                self.q_mean,
+                str(self.device),
+                self.single_model_ridge,
+            ),
+        )
 
     def topk(self, k: int, rows: Sequence[int] | None = None, runner: Runner | None = None) -> TopK:
         """The k highest (proponents) and k lowest (opponents) scores of every target,
@@ -360,12 +388,15 @@ def _reopen(
     solved: list[Tensor],
     q_mean: np.ndarray,
     device: str = "cpu",
+    single_model_ridge: bool = False,
 ) -> Scores:
     """Scores rebuilt from :meth:`Scores.__reduce__`'s parts, on the store at ``location``
     (on ``device`` when it is the CPU or a CUDA device this process sees, else the CPU)."""
     store = Store.open_existing(location)
     stored = [(ModelStore(store, m, fingerprint), records) for m, fingerprint, records in models]
-    return Scores(stored, solved, q_mean, device=_visible(device))
+    return Scores(
+        stored, solved, q_mean, device=_visible(device), single_model_ridge=single_model_ridge
+    )
 
 
 def _visible(name: str) -> torch.device:

@@ -108,14 +108,17 @@ class TRAK:
         precision: ``"float32"`` or ``"float64"`` products when building the kernel
             (always summed in float64); ``"auto"`` (default): float64 for models with
             fewer training rows than k (see :class:`~fasttrak.Estimator`).
-        kernel: ``"gauss_newton"`` (default: Φᵀ R Φ with R = p (1 - p) = Q (1 - Q) per
-            training example; influence functions on convex models) or ``"plain"`` (Φᵀ Φ,
-            the paper's). Chosen at scoring time: the stored features serve both.
+        kernel: ``"gauss_newton"`` (default: Φᵀ R Φ with R = (p (1 - p))^γ = (Q (1 - Q))^γ
+            per training example, γ = ``weight_power``) or ``"plain"`` (Φᵀ Φ, the paper's).
+            Chosen at scoring time: the stored features serve both.
         kernel_blocks: B > 1 keeps B diagonal blocks of the kernel (contiguous coordinate
             groups of k / B) and averages the B estimates, a virtual ensemble. Default:
             blocks of 512 coordinates (k // 512 of them) when k >= 2048, the store has
             at most k / 2 training rows and p >= k attributed parameters, else 1
             (docs/quality.md).
+        weight_power: γ in (0, 1] of the Gauss-Newton kernel (default 0.75; 1: the
+            Gauss-Newton Hessian, the influence function on logistic regression; see
+            :class:`~fasttrak.Estimator` and docs/quality.md, "The kernel").
         engine: how per-example gradients are computed: ``"hooks"`` (one batched forward
             and backward with layer hooks; works on unmodified Hugging Face models with any
             attention implementation; needs examples that do not interact in the forward
@@ -146,6 +149,7 @@ class TRAK:
         precision: Literal["auto", "float32", "float64"] = "auto",
         kernel: kernel_ops.Weighting = "gauss_newton",
         kernel_blocks: int | None = None,
+        weight_power: float = kernel_ops.DEFAULT_WEIGHT_POWER,
         engine: str = "auto",
         vmap_chunk_size: int | None = 128,
         progress: bool = True,
@@ -170,7 +174,7 @@ class TRAK:
         self.device = torch.device(device)
         self.seed = seed
         self.batch_size = batch_size
-        estimator = Estimator(kernel, ridge, kernel_blocks, precision)
+        estimator = Estimator(kernel, ridge, kernel_blocks, precision, weight_power)
         self.show_progress = progress
         self.projector_config = resolve_projector(projector)
         self.proj_dim = proj_dim
@@ -186,7 +190,7 @@ class TRAK:
         self.k = self.layout.k
         self.estimator = estimator.for_dim(self.k)
         """The default estimator of :meth:`score` (``kernel``, ``ridge``, ``kernel_blocks``,
-        ``precision`` of the constructor)."""
+        ``precision``, ``weight_power`` of the constructor)."""
         meta = {
             "task": self.task.spec(),
             "projector": self.layout.spec,
@@ -562,6 +566,7 @@ class TRAK:
         an in-process CPU finalize)."""
         chosen = self._estimator(estimator)
         ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
+        chosen = chosen.for_models(len(ids))
         if runner is not None:
             check_runner(runner).finalize(self, ids, chosen)
             return
@@ -591,6 +596,7 @@ class TRAK:
         :attr:`linalg_device`."""
         chosen = self._estimator(estimator)
         ids = self._stored_ids(model_ids)
+        chosen = chosen.for_models(len(ids))
         stored = [self.store.model(m) for m in ids]
         records = complete_models(stored)
         device = self.linalg_device
@@ -607,7 +613,7 @@ class TRAK:
         if not isinstance(estimator, Estimator):
             raise ConfigTypeError(
                 f"estimator= takes an ft.Estimator(kernel=..., ridge=..., kernel_blocks=..., "
-                f"precision=...), got {type(estimator).__name__}"
+                f"precision=..., weight_power=...), got {type(estimator).__name__}"
             )
         return estimator.for_dim(self.k)
 
@@ -684,7 +690,12 @@ class TRAK:
                 solved.append(self._solve(plan, i))
                 bar.update(1)
         parts = list(zip(plan.stored, plan.records, strict=True))
-        return Scores(parts, solved, device=self.linalg_device)
+        return Scores(
+            parts,
+            solved,
+            device=self.linalg_device,
+            single_model_ridge=plan.estimator.single_model,
+        )
 
     def _score_plan(
         self,
@@ -697,6 +708,7 @@ class TRAK:
     ) -> ScorePlan:
         chosen = self._estimator(estimator)
         ids = self._stored_ids(_renamed_ids(model_ids, models, "score"))
+        chosen = chosen.for_models(len(ids))
         stored = [self.store.model(m) for m in ids]
         records = complete_models(stored)
         if checkpoints is not None:

@@ -52,5 +52,5 @@ def test_glossary_names_exist_in_the_code():
     for name in ("model_ids", "model"):
         assert hasattr(trak.store, name)
     assert hasattr(ft.Scores, "chunks") and hasattr(ft.Scores, "model_ids")
-    for field in ("kernel", "kernel_blocks"):
+    for field in ("kernel", "kernel_blocks", "weight_power", "ensemble_size"):
         assert f"Estimator.{field}" in text and hasattr(ft.Estimator(), field)

@@ -79,7 +79,7 @@ def test_stored_factor_is_per_block(tmp_path):
     trak.finalize()
     ck = trak.store.model(0)
     factor = ck.read_kernel(
-        "factor", trak.estimator.resolved(ck).factor_settings(), complete_records(ck)
+        "factor", trak.estimator.for_models(1).resolved(ck).factor_settings(), complete_records(ck)
     )
     assert factor.shape == (4, 8, 8)  # 30 = 8 + 7 + 7 + 8 coordinates: 256 entries, not 900
 

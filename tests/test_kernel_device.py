@@ -32,11 +32,12 @@ GPU = "cuda"  # the device of the CUDA tests
 N, K, MODELS, CHUNK = 256, 32, 2, 64
 RTOL = 1e-5  # GPU against CPU, same features: float32 rounding is ~1e-7 here
 
-ESTIMATORS = [
-    ft.Estimator("gauss_newton", kernel_blocks=1),
-    ft.Estimator("gauss_newton", kernel_blocks=4),
+ESTIMATORS = [  # "auto" needs the ensemble size when kernel_factor is called directly
+    ft.Estimator("gauss_newton", kernel_blocks=1, ensemble_size=MODELS),
+    ft.Estimator("gauss_newton", kernel_blocks=4, ensemble_size=MODELS),
     ft.Estimator("plain", ridge=0.1, kernel_blocks=3),  # blocks of 11, 11, 10: padded
-    ft.Estimator("gauss_newton", kernel_blocks=2, precision="float64"),
+    ft.Estimator("gauss_newton", kernel_blocks=2, precision="float64", ensemble_size=MODELS),
+    ft.Estimator("gauss_newton", kernel_blocks=2, ensemble_size=1),  # the single-model scale
 ]
 
 
@@ -125,7 +126,7 @@ def test_an_explicit_cpu_device_gives_the_bits_of_the_default_path():
 def test_a_cpu_trak_runs_on_the_cpu_and_gives_the_bits_of_explicit_cpu_calls():
     trak = featurized()
     assert trak.linalg_device == CPU
-    est = ft.Estimator("gauss_newton", kernel_blocks=2)
+    est = ft.Estimator("gauss_newton", kernel_blocks=2, ensemble_size=MODELS)
     trak.finalize(estimator=est)
     models = parts(trak)
     factors = []
@@ -163,7 +164,9 @@ def device_path(monkeypatch):
     monkeypatch.setattr(kernel, "cpu_path", lambda device: False)
 
 
-@pytest.mark.parametrize("est", ESTIMATORS, ids=lambda e: f"{e.kernel}-{e.kernel_blocks}")
+@pytest.mark.parametrize(
+    "est", ESTIMATORS, ids=lambda e: f"{e.kernel}-{e.kernel_blocks}-M{e.ensemble_size}"
+)
 def test_the_device_path_equals_the_cpu_path_on_cpu_tensors(est, monkeypatch):
     trak = featurized()
     models = parts(trak)
@@ -252,7 +255,9 @@ def test_cuda_gram_is_full_float32_with_tf32_allowed(tf32_allowed):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tf32", [False, True], ids=["tf32-off", "tf32-on"])
-@pytest.mark.parametrize("est", ESTIMATORS, ids=lambda e: f"{e.kernel}-{e.kernel_blocks}")
+@pytest.mark.parametrize(
+    "est", ESTIMATORS, ids=lambda e: f"{e.kernel}-{e.kernel_blocks}-M{e.ensemble_size}"
+)
 def test_cuda_trak_equals_cpu_trak_on_the_same_features(est, tf32, tmp_path, request):
     cpu = featurized(tmp_path / "cpu")
     featurized(tmp_path / "gpu")  # the same features, on the CPU, in another store

@@ -100,15 +100,16 @@ def test_scores_save_writes_the_dense_matrix(tmp_path):
     np.testing.assert_allclose(saved[:], np.asarray(scores))
 
 
-def closed_form_options(model, x, y, xt, yt, ridge, weighting, blocks):
-    """float64 oracle of the Gauss-Newton and block-diagonal kernels (one model, k = p)."""
+def closed_form_options(model, x, y, xt, yt, ridge, weighting, blocks, power=1.0):
+    """float64 oracle of the Gauss-Newton kernel, R = (p (1 - p))^power, and of the
+    block-diagonal kernels (one model, k = p)."""
     names = select_parameters(model)
     phi = loop_gradients(model, x, y, names).numpy()
     phi_t = loop_gradients(model, xt, yt, names).numpy()
     with torch.no_grad():
         p = torch.softmax(model.double()(x.double()), 1)[torch.arange(len(y)), y].numpy()
         model.float()
-    weights = p * (1 - p) if weighting == "gauss_newton" else np.ones_like(p)
+    weights = (p * (1 - p)) ** power if weighting == "gauss_newton" else np.ones_like(p)
     gram = phi.T @ (weights[:, None] * phi)
     k, n = gram.shape[0], len(y)
     edges = np.linspace(0, k, blocks + 1).round().astype(int)
@@ -121,9 +122,17 @@ def closed_form_options(model, x, y, xt, yt, ridge, weighting, blocks):
 
 
 @pytest.mark.parametrize(
-    "weighting, blocks", [("gauss_newton", 1), ("plain", 3), ("gauss_newton", 4)]
+    "weighting, blocks, power",
+    [
+        ("gauss_newton", 1, 0.75),  # the default kernel
+        ("gauss_newton", 1, 1.0),  # the Gauss-Newton Hessian itself
+        ("gauss_newton", 1, 0.3),
+        ("plain", 3, 0.75),  # the power is the Gauss-Newton kernel's only
+        ("gauss_newton", 4, 0.75),
+        ("gauss_newton", 4, 1.0),
+    ],
 )
-def test_kernel_options_equal_their_closed_form(weighting, blocks):
+def test_kernel_options_equal_their_closed_form(weighting, blocks, power):
     model = make_mlp(seed=4)
     x, y = make_data(50, seed=8)
     xt, yt = make_data(5, seed=9)
@@ -134,12 +143,44 @@ def test_kernel_options_equal_their_closed_form(weighting, blocks):
         precision="float64",
         kernel=weighting,
         kernel_blocks=blocks,
+        weight_power=power,
         progress=False,
     )
     trak.featurize((x, y))
     scores = np.asarray(trak.score((xt, yt)))
-    expected = closed_form_options(model, x, y, xt, yt, 0.05, weighting, blocks)
+    expected = closed_form_options(model, x, y, xt, yt, 0.05, weighting, blocks, power)
     np.testing.assert_allclose(scores, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
+
+
+def test_each_weight_power_keys_its_own_gram(tmp_path):
+    """A gram cached for one γ is never reused for another: the powers share the stored
+    features, each builds (and caches) its own kernel, and γ = 1 keeps the key that grams
+    cached before the power existed have."""
+    model = make_mlp()
+    x, y = make_data(40)
+    trak = ft.TRAK(model, proj_dim=16, store=tmp_path, precision="float64", progress=False)
+    trak.featurize((x, y))
+    ck = trak.store.model(0)
+    records = complete_records(ck)
+    scores = {}
+    for power in (1.0, 0.75, 0.5):
+        estimator = ft.Estimator(weight_power=power)
+        scores[power] = np.asarray(trak.score((x[:3], y[:3]), estimator=estimator))
+        settings = estimator.resolved(ck).gram_settings()
+        assert ck.read_kernel("gram", settings, records) is not None
+        assert ("power" in settings) == (power != 1.0)
+    assert not np.allclose(scores[1.0], scores[0.75])
+    assert not np.allclose(scores[0.75], scores[0.5])
+    again = ft.TRAK(model, proj_dim=16, store=tmp_path, weight_power=0.5, progress=False)
+    np.testing.assert_allclose(
+        np.asarray(again.score((x[:3], y[:3]), checkpoints=[model])), scores[0.5]
+    )
+
+
+@pytest.mark.parametrize("power", [0, -0.5, 1.5, float("nan"), float("inf"), "0.75", True, None])
+def test_a_weight_power_outside_0_1_names_the_range(power):
+    with pytest.raises(ft.ConfigError, match=r"weight_power must be a number in \(0, 1\]"):
+        ft.Estimator(weight_power=power)
 
 
 def test_kernel_options_share_one_store(tmp_path):
@@ -282,30 +323,79 @@ def test_auto_ridge_of_a_kernel_of_rank_below_j_is_floored_at_the_mean_eigenvalu
     assert kernel.block_diagonal_factor(gram, "auto", 1000).shape == (1, 64, 64)
 
 
+@pytest.mark.parametrize("n, p", [(1000, None), (40, 500), (1000, 62)])
+def test_single_model_auto_ridge_scales_with_the_relative_effective_rank(n, p):
+    """max(1, s / 0.1)^1.5 times the ensemble's λ, s = trace² / ‖G‖²_F / min(n, k, p): a flat
+    spectrum (s = 1) gets 10^1.5 times it, a steep one (s < 0.1) the same λ."""
+    from fasttrak import kernel
+
+    k = 64
+    rank = min(n, k, p or k)
+    flat = _gram_with_spectrum(np.r_[np.ones(rank), np.zeros(k - rank)])
+    steep = _gram_with_spectrum(np.geomspace(1e3, 1e-3, k))
+    for gram in (flat, steep):
+        alone = kernel.ridge_value(gram, "auto", n, p, single_model=True)
+        ensemble = kernel.ridge_value(gram, "auto", n, p)
+        s = np.trace(gram) ** 2 / np.sum(gram**2) / rank
+        factor = max(1.0, s / 0.1) ** 1.5
+        np.testing.assert_allclose(alone / ensemble, factor, rtol=1e-8)
+        np.testing.assert_allclose(alone, closed_form_auto_ridge(gram, n, p or n, True), rtol=1e-8)
+        assert kernel.ridge_value(gram, 0.3, n, p, single_model=True) == kernel.ridge_value(
+            gram, 0.3, n, p
+        )  # a numeric ridge does not depend on the ensemble
+    s_flat = np.trace(flat) ** 2 / np.sum(flat**2) / rank
+    np.testing.assert_allclose(s_flat, 1.0, rtol=1e-8)
+    assert kernel.single_model_factor(1.0, 1.0 / 0.05, 1) == 1.0  # s = 0.05: unchanged
+
+
+def closed_form_auto_ridge(gram, n, p, single_model):
+    """λ of the "auto" ridge in numpy: c · e_j, j = 3% of min(n, p) within [1, min(n, k, p)],
+    at least 1e-3 · trace / min(n, k, p); c = 0.14, times max(1, s / 0.1)^1.5 for a model
+    scored alone, s = trace² / ‖G‖²_F / min(n, k, p)."""
+    rank = min(n, gram.shape[0], p)
+    e = np.sort(np.linalg.eigvalsh(gram))[::-1]
+    j = min(rank, max(1, round(0.03 * min(n, p))))
+    scale = 0.14
+    if single_model:
+        s = np.trace(gram) ** 2 / np.sum(gram**2) / rank
+        scale *= max(1.0, s / 0.1) ** 1.5
+    return max(scale * e[j - 1], 1e-3 * np.trace(gram) / rank)
+
+
+@pytest.mark.parametrize("models", [1, 2])
 @pytest.mark.parametrize("blocks", [1, 3])
-def test_auto_ridge_scores_equal_their_closed_form_per_block(blocks):
-    """The default ridge through the whole pipeline, against numpy: per block, λ_b from the
-    block's own spectrum, j = 3% of min(n, p) within [1, min(n, k / B, p)]."""
-    model = make_mlp(seed=4)
+def test_auto_ridge_scores_equal_their_closed_form_per_block(blocks, models):
+    """The default ridge through the whole pipeline, against numpy: per block and model,
+    λ_b from the block's own spectrum, j = 3% of min(n, p) within [1, min(n, k / B, p)], and
+    the single-model scale when one model is scored (here s > 0.1, so it acts)."""
     x, y = make_data(50, seed=8)
     xt, yt = make_data(5, seed=9)
-    trak = ft.TRAK(model, proj_dim=32, precision="float64", kernel_blocks=blocks, progress=False)
+    checkpoints = [make_mlp(seed=4 + m).state_dict() for m in range(models)]
+    trak = ft.TRAK(
+        make_mlp(seed=4), proj_dim=32, precision="float64", kernel_blocks=blocks, progress=False
+    )
     assert trak.estimator.ridge == "auto"
-    trak.featurize((x, y))
+    trak.featurize((x, y), checkpoints=checkpoints)
     scores = np.asarray(trak.score((xt, yt)), dtype=np.float64)
-    stored = trak.store.model(0)
-    phi, q = stored.features().astype(np.float64), stored.q().astype(np.float64)
-    weighted = phi * np.sqrt(ft.kernel.gauss_newton_weights(q, k=32))[:, None]
-    target = trak.features((xt, yt)).phi.astype(np.float64)
-    total = np.zeros((5, 50))
-    for part in ft.kernel.block_slices(32, blocks):
-        g = weighted[:, part].T @ weighted[:, part]
-        rank = min(50, g.shape[0], trak.store.num_params)
-        e = np.sort(np.linalg.eigvalsh(g))[::-1]
-        j = min(rank, max(1, round(0.03 * min(50, trak.store.num_params))))
-        lam = max(0.14 * e[j - 1], 1e-3 * np.trace(g) / rank)
-        total += target[:, part] @ np.linalg.solve(g + lam * np.eye(g.shape[0]), phi[:, part].T)
-    expected = q[None, :] * total / blocks
+    p = trak.store.num_params
+    power = ft.kernel.DEFAULT_WEIGHT_POWER
+    total, q_sum, boosted = np.zeros((5, 50)), np.zeros(50), []
+    for m in range(models):
+        stored = trak.store.model(m)
+        phi, q = stored.features().astype(np.float64), stored.q().astype(np.float64)
+        q_sum += q
+        weighted = phi * (ft.kernel.gauss_newton_weights(q, k=32) ** (power / 2))[:, None]
+        target = trak.features((xt, yt), checkpoint=checkpoints[m], model_id=m).phi
+        target = target.astype(np.float64)
+        for part in ft.kernel.block_slices(32, blocks):
+            g = weighted[:, part].T @ weighted[:, part]
+            lam = closed_form_auto_ridge(g, 50, p, single_model=models == 1)
+            boosted.append(lam / closed_form_auto_ridge(g, 50, p, single_model=False))
+            solved = np.linalg.solve(g + lam * np.eye(g.shape[0]), phi[:, part].T)
+            total += target[:, part] @ solved / blocks
+    expected = q_sum[None, :] / models * total / models
+    if models == 1:
+        assert min(boosted) > 1.5  # the single-model scale is exercised, not a no-op
     np.testing.assert_allclose(scores, expected, rtol=2e-4, atol=2e-6 * np.abs(expected).max())
 
 

@@ -97,6 +97,15 @@ def test_estimator_values_are_checked_with_the_fix():
             ft.Estimator(ridge=bad)
     with pytest.raises(ft.ConfigError, match="resolved"):
         _ = ft.Estimator().blocks
+    with pytest.raises(ft.ConfigError, match="for_models"):
+        _ = ft.Estimator().single_model
+    assert not ft.Estimator(ridge=0.1).single_model  # needs no ensemble size
+    assert ft.Estimator().for_models(1).single_model
+    assert not ft.Estimator().for_models(5).single_model
+    assert ft.Estimator(ensemble_size=5).for_models(1).ensemble_size == 5  # explicit wins
+    for bad in (0, -1, 2.5, "3", True):
+        with pytest.raises((ft.ConfigError, ft.ConfigTypeError), match="ensemble_size"):
+            ft.Estimator(ensemble_size=bad)
     with pytest.raises(ft.ConfigTypeError, match="ft.Estimator"):
         _trak().score(torch.zeros(1, 5), estimator={"ridge": 0.1})
 
@@ -124,11 +133,27 @@ def test_combined_scores_equal_scoring_all_model_ids_at_once(data):
     trak = _trak()
     checkpoints = _checkpoints(3)
     trak.featurize(train, checkpoints=checkpoints)
-    parts = [trak.score(targets, model_ids=[m]) for m in range(3)]
+    ensemble = ft.Estimator(ensemble_size=3)  # the "auto" ridge of an ensemble of 3
+    parts = [trak.score(targets, model_ids=[m], estimator=ensemble) for m in range(3)]
     combined = ft.Scores.combine(parts)
     assert combined.model_ids == [0, 1, 2]
     np.testing.assert_allclose(
         np.asarray(combined), np.asarray(trak.score(targets)), rtol=1e-6, atol=1e-7
+    )
+    # Scored alone, a model gets the single-model "auto" ridge: it cannot join an ensemble.
+    alone = trak.score(targets, model_ids=[0])
+    assert alone.single_model_ridge and not parts[0].single_model_ridge
+    assert not np.allclose(np.asarray(alone), np.asarray(parts[0]))
+    with pytest.raises(ft.ConfigError, match=r"ensemble_size=3"):
+        ft.Scores.combine([alone, parts[1], parts[2]])
+    assert np.array_equal(np.asarray(ft.Scores.combine([alone])), np.asarray(alone))
+    numeric = ft.Estimator(ridge=0.1)  # a numeric ridge does not depend on the ensemble
+    by_model = [trak.score(targets, model_ids=[m], estimator=numeric) for m in range(3)]
+    np.testing.assert_allclose(
+        np.asarray(ft.Scores.combine(by_model)),
+        np.asarray(trak.score(targets, estimator=numeric)),
+        rtol=1e-6,
+        atol=1e-7,
     )
     with pytest.raises(ft.ConfigError, match="distinct model ids"):
         ft.Scores.combine([parts[0], parts[0]])

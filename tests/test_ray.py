@@ -188,7 +188,7 @@ def test_ray_finalize_sums_partial_grams_to_the_in_process_bits(runner, tmp_path
         remote.finalize(estimator=estimator, runner=runner)
         for m in (0, 1):
             mine, theirs = local.store.model(m), remote.store.model(m)
-            chosen = estimator.resolved(mine)
+            chosen = estimator.for_models(2).resolved(mine)
             (records,) = complete_models([mine])
             (other,) = complete_models([theirs])
             for kind, settings in (

@@ -21,9 +21,16 @@ Grid (defaults; each can be narrowed or extended on the command line):
 * projector: srht, dense (sjlt with ``--projectors srht,dense,sjlt``), and identity (k = p)
   where p <= ``--identity-max-p``. k in 256, 1024, 2048, 4096, also where k > p
   (``ft.TRAK(model)`` uses k = 2048 whatever p is, so the default must be judged there).
-* kernel: plain, gauss_newton; ridge: "min", 0.001, 0.01, 0.1, 1.0 (relative:
+* kernel: plain, gauss_newton (R = Q (1 - Q), weight power 1, as in every line measured
+  before 2026-11-30 evening), or ``gauss_newton^γ`` (R = (Q (1 - Q))^γ: the library's
+  default since then is ``gauss_newton^0.75``); ridge: "min", 0.001, 0.01, 0.1, 1.0 (relative:
   λ = ridge · trace / min(n, k, p)), or "auto" (``--ridges auto``: the library's spectral
   ridge); kernel_blocks: 1, 4; models M: 1, 5.
+* "auto" is the library's ridge for an ensemble of the line's M models (the models are
+  scored one at a time with ``ft.Estimator(ensemble_size=M)``); at M = 1 that is the
+  single-model scale (since 2026-11-30 evening). Lines "auto c=0.14" at M = 1 are the
+  ensemble scale 0.14 used for one model, as "auto" was before then (relabelled); lines
+  "auto c=x" other scales (``kernel.AUTO_RIDGE_SCALE`` patched).
 * "min" is the paper's ridge: 0 when the Cholesky factor exists for every model, else the
   first of MIN_RIDGES that works (recorded as ``ridge_used``).
 * The paper's estimator (``traker``): dense, plain, ridge "min", 1 block.
@@ -89,16 +96,43 @@ COMMIT = subprocess.run(
 """The library's commit when the grid ran (fasttrak is being changed while it is measured)."""
 
 
+def kernel_name(est: ft.Estimator) -> str:
+    """The grid's name of an estimator's kernel: "plain", "gauss_newton" (weight power 1) or
+    "gauss_newton^γ" (another power)."""
+    if est.kernel == "gauss_newton" and est.weight_power != 1:
+        return f"gauss_newton^{est.weight_power:g}"
+    return est.kernel
+
+
 def default_setting(k: int, n: int, p: int) -> Setting:
     """``ft.Estimator()``'s settings for n training rows of p parameters at dimension k."""
     est = ft.Estimator().for_rows(n, k, p)
-    return Setting(est.kernel, est.ridge, est.kernel_blocks)
+    return Setting(kernel_name(est), est.ridge, est.kernel_blocks)
 
 
-def estimator(kernel: str, ridge: float | str, blocks: int) -> ft.Estimator:
+def estimator(
+    kernel: str, ridge: float | str, blocks: int, ensemble_size: int | None = None
+) -> ft.Estimator:
     """The grid's estimators all build the kernel with float32 products (summed in float64),
-    the setting every line of results.jsonl was measured with."""
-    return ft.Estimator(kernel=kernel, ridge=ridge, kernel_blocks=blocks, precision=PRECISION)
+    the setting every line of results.jsonl was measured with. ``kernel``: a name of
+    :func:`kernel_name` (the weight power is 1 unless it says ``^γ``). ``ensemble_size``: the
+    M whose "auto" ridge is used when the models are scored one at a time (None: 1)."""
+    name, _, power = kernel.partition("^")
+    return ft.Estimator(
+        kernel=name,
+        ridge=ridge,
+        kernel_blocks=blocks,
+        precision=PRECISION,
+        weight_power=float(power) if power else 1.0,
+        ensemble_size=ensemble_size,
+    )
+
+
+def ensemble_sizes(setting: Setting, models: list[int]) -> list[int | None]:
+    """The ensemble sizes a setting's per-model scores are solved for: every M for the
+    "auto" ridge (a model scored alone gets a larger one, so each M has its own factors),
+    one solve (None) for a numeric ridge, which does not depend on M."""
+    return list(models) if setting.ridge == "auto" else [None]
 
 
 def library_default() -> dict[str, Any]:
@@ -108,7 +142,7 @@ def library_default() -> dict[str, Any]:
     return {
         "projector": params["projector"].default,
         "k": params["proj_dim"].default,
-        "kernel": default.kernel,
+        "kernel": kernel_name(default),
         "ridge": default.ridge,
         "blocks": default.kernel_blocks,  # None: decided by for_rows(n, k)
     }
@@ -285,8 +319,9 @@ def run_store(
                 gram_s[m, kernel] = time.perf_counter() - start
     drop_kernels(store, "factor")
     targets = data.target_set()
-    per_model: dict[Setting, list[ft.Scores]] = {s: [] for s in grid_settings}
-    score_s: dict[Setting, list[float]] = {s: [] for s in grid_settings}
+    solves = [(s, size) for s in grid_settings for size in ensemble_sizes(s, models)]
+    per_model: dict[tuple[Setting, int | None], list[ft.Scores]] = {key: [] for key in solves}
+    score_s: dict[tuple[Setting, int | None], list[float]] = {key: [] for key in solves}
     warned: dict[Setting, bool] = {s: False for s in grid_settings}
     ridge_of: dict[Setting, Any] = {s: s.ridge for s in grid_settings if s.ridge != "min"}
     with read_only(store):
@@ -302,10 +337,10 @@ def run_store(
         for m in range(m_max):
             for kernel in kernels:
                 reader = make_trak()
-                for s in grid_settings:
-                    if s.kernel != kernel:
+                for s, size in solves:
+                    if s.kernel != kernel or (size is not None and m >= size):
                         continue
-                    est = estimator(s.kernel, ridge_of[s], s.blocks)
+                    est = estimator(s.kernel, ridge_of[s], s.blocks, size)
                     start = time.perf_counter()
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always", ft.SaturationWarning)
@@ -313,13 +348,14 @@ def run_store(
                             targets, checkpoints=[ckpts[m]], model_ids=[m], estimator=est
                         )
                         scores.numpy()  # computed here, timed with the score
-                    score_s[s].append(time.perf_counter() - start + gram_s[m, kernel])
+                    score_s[s, size].append(time.perf_counter() - start + gram_s[m, kernel])
                     warned[s] |= any(issubclass(w.category, ft.SaturationWarning) for w in caught)
-                    per_model[s].append(scores)
+                    per_model[s, size].append(scores)
         for s in grid_settings:
             for big_m in models:
+                key = (s, big_m if s.ridge == "auto" else None)
                 start = time.perf_counter()
-                combined = np.asarray(ft.Scores.combine(per_model[s][:big_m]))
+                combined = np.asarray(ft.Scores.combine(per_model[key][:big_m]))
                 result = ft.evaluate.lds(combined, masks, outputs)
                 result_avg = ft.evaluate.lds(combined, masks, outputs_avg)
                 seconds = time.perf_counter() - start
@@ -345,7 +381,8 @@ def run_store(
                     and s == default_setting(k, data.n, case.p),
                     "fasttrak_commit": COMMIT,
                     "featurize_seconds": float(sum(featurize_s[:big_m])),
-                    "score_seconds": float(sum(score_s[s][:big_m])) + (seconds if big_m > 1 else 0),
+                    "score_seconds": float(sum(score_s[key][:big_m]))
+                    + (seconds if big_m > 1 else 0),
                     "saturation_warning": warned[s],
                     "scores_finite": bool(np.isfinite(combined).all()),
                     "score_scale": float(np.abs(combined).mean()),

@@ -54,8 +54,12 @@ def config(r: Row) -> tuple:
 
 def name(c: tuple) -> str:
     projector, k, kernel, ridge, blocks = c
-    kernel = "GN" if kernel == "gauss_newton" else "plain"
-    return f"{projector} k={k} {kernel} ridge={ridge} B={blocks}"
+    return f"{projector} k={k} {short(kernel)} ridge={ridge} B={blocks}"
+
+
+def short(kernel: str) -> str:
+    """GN (weight power 1), GN^γ, or plain."""
+    return kernel.replace("gauss_newton", "GN")
 
 
 def summaries() -> dict[str, Row]:
@@ -222,10 +226,9 @@ def estimator_table(
         "|---|---|---|---|",
     ]
     for worst, e, where, margin in table:
-        kernel = "GN" if e[0] == "gauss_newton" else "plain"
         out.append(
-            f"| {kernel} ridge={e[1]} B={e[2]} | {worst:.3f} | {where[0]} {where[1]} k={where[2]} "
-            f"| {margin:+.3f} |"
+            f"| {short(e[0])} ridge={e[1]} B={e[2]} | {worst:.3f} "
+            f"| {where[0]} {where[1]} k={where[2]} | {margin:+.3f} |"
         )
     return out
 

@@ -137,6 +137,7 @@ class Ray:
         return Scores(
             list(zip(plan.stored, plan.records, strict=True)),
             [solved[i] for i in range(len(plan.ids))],
+            single_model_ridge=plan.estimator.single_model,
         )
 
     # ------------------------------------------------------------------ top-k
