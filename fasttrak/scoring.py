@@ -95,9 +95,9 @@ class Scores:
         single_model_ridge: bool = False,
     ) -> None:
         self.device = kernel_ops.check_device(device)
+        """Where the chunk products run (the CPU or a CUDA device)."""
         self.single_model_ridge = bool(single_model_ridge)
         """Whether the targets were solved with the single-model "auto" ridge."""
-        """Where the chunk products run (the CPU or a CUDA device)."""
         if len(models) != len(solved) or not models:
             raise ConfigError("need one solved target block per model, and at least one")
         self._models = list(models)
@@ -161,7 +161,12 @@ class Scores:
                 f"estimator=ft.Estimator(ensemble_size={len(ids)})"
             )
         models = [m for s in parts for m in s._models]
-        return cls(models, [x for s in parts for x in s._solved], device=first.device)
+        return cls(
+            models,
+            [x for s in parts for x in s._solved],
+            device=first.device,
+            single_model_ridge=bool(alone),  # only a single model's scores keep it
+        )
 
     @property
     def model_ids(self) -> list[int]:

@@ -563,7 +563,8 @@ class TRAK:
         its stored features, on :attr:`linalg_device` (a CUDA device, or the CPU); with
         ``runner=ft.runners.Ray(...)`` that pass is split into partial-gram tasks of 16 row
         chunks each, computed on the CPU of the tasks and summed in order (the same bits as
-        an in-process CPU finalize)."""
+        an in-process CPU finalize). The factors are those of an ensemble of these models
+        (the "auto" ridge of a single model is larger; see ``Estimator.ensemble_size``)."""
         chosen = self._estimator(estimator)
         ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
         chosen = chosen.for_models(len(ids))
@@ -667,7 +668,10 @@ class TRAK:
         store. ``runner``: where each model's part (its factor and the targets' features)
         is computed: None (this process) or ``ft.runners.Ray(...)``. In this process the
         factors, the targets' solves and the scores' chunk products run on
-        :attr:`linalg_device` (the returned ``Scores`` keep it as their ``device``).
+        :attr:`linalg_device` (the returned ``Scores`` keep it as their ``device``). The
+        "auto" ridge is that of an ensemble of the models scored (one model scored alone gets
+        a larger one): to score an ensemble's models separately and ``Scores.combine`` them,
+        pass ``estimator=ft.Estimator(ensemble_size=M)``.
         """
         plan = self._score_plan(targets, checkpoints, batch_size, model_ids, estimator, models)
         logger.info(

@@ -128,6 +128,17 @@ def test_features_of_a_dataset_equal_what_featurize_stores(data):
         trak.features(train, checkpoints[0], model_id=-1)
 
 
+def test_a_single_model_ridge_flag_travels_with_pickled_scores(data, tmp_path):
+    import pickle
+
+    train, targets = data
+    trak = _trak(store=tmp_path / "store")
+    trak.featurize(train, checkpoints=_checkpoints(2))
+    alone, pair = trak.score(targets, model_ids=[0]), trak.score(targets)
+    assert pickle.loads(pickle.dumps(alone)).single_model_ridge
+    assert not pickle.loads(pickle.dumps(pair)).single_model_ridge
+
+
 def test_combined_scores_equal_scoring_all_model_ids_at_once(data):
     train, targets = data
     trak = _trak()
@@ -147,6 +158,9 @@ def test_combined_scores_equal_scoring_all_model_ids_at_once(data):
     with pytest.raises(ft.ConfigError, match=r"ensemble_size=3"):
         ft.Scores.combine([alone, parts[1], parts[2]])
     assert np.array_equal(np.asarray(ft.Scores.combine([alone])), np.asarray(alone))
+    assert ft.Scores.combine([alone]).single_model_ridge  # the flag survives a combine
+    with pytest.raises(ft.ConfigError, match="ensemble_size"):
+        ft.Scores.combine([ft.Scores.combine([alone]), parts[1]])
     numeric = ft.Estimator(ridge=0.1)  # a numeric ridge does not depend on the ensemble
     by_model = [trak.score(targets, model_ids=[m], estimator=numeric) for m in range(3)]
     np.testing.assert_allclose(
