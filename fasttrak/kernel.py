@@ -390,7 +390,9 @@ def single_model_factor(trace: float, frobenius_squared: float, rank: int) -> fl
     """How much larger the ``"auto"`` ridge's scale is for a model scored alone:
     max(1, s / SINGLE_MODEL_RANK) ** SINGLE_MODEL_POWER, s = trace² / ‖G‖²_F / rank the
     gram's effective rank over its rank bound min(n, k, p) (in (0, 1]: 1 for a flat spectrum,
-    1 / rank for a single direction). Needs trace > 0 (a checked kernel)."""
+    1 / rank for a single direction); 1 for a zero kernel (no spectrum to judge)."""
+    if frobenius_squared <= 0:
+        return 1.0
     relative_rank = trace * trace / frobenius_squared / rank
     return max(1.0, relative_rank / SINGLE_MODEL_RANK) ** SINGLE_MODEL_POWER
 

@@ -346,6 +346,8 @@ def test_single_model_auto_ridge_scales_with_the_relative_effective_rank(n, p):
     s_flat = np.trace(flat) ** 2 / np.sum(flat**2) / rank
     np.testing.assert_allclose(s_flat, 1.0, rtol=1e-8)
     assert kernel.single_model_factor(1.0, 1.0 / 0.05, 1) == 1.0  # s = 0.05: unchanged
+    assert kernel.single_model_factor(0.0, 0.0, 4) == 1.0  # a zero kernel: nothing to judge
+    assert kernel.ridge_value(np.zeros((4, 4)), "auto", 10, single_model=True) == 0.0
 
 
 def closed_form_auto_ridge(gram, n, p, single_model):
