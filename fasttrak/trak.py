@@ -565,9 +565,7 @@ class TRAK:
         chunks each, computed on the CPU of the tasks and summed in order (the same bits as
         an in-process CPU finalize). The factors are those of an ensemble of these models
         (the "auto" ridge of a single model is larger; see ``Estimator.ensemble_size``)."""
-        chosen = self._estimator(estimator)
-        ids = self._stored_ids(_renamed_ids(model_ids, models, "finalize"))
-        chosen = chosen.for_models(len(ids))
+        chosen, ids = self._estimator_for(estimator, _renamed_ids(model_ids, models, "finalize"))
         if runner is not None:
             check_runner(runner).finalize(self, ids, chosen)
             return
@@ -595,9 +593,7 @@ class TRAK:
         row chunks in O(chunk_rows · k) memory (never an n × n matrix). High values flag
         examples the models found hard or atypical: candidates for mislabeled data. Runs on
         :attr:`linalg_device`."""
-        chosen = self._estimator(estimator)
-        ids = self._stored_ids(model_ids)
-        chosen = chosen.for_models(len(ids))
+        chosen, ids = self._estimator_for(estimator, model_ids)
         stored = [self.store.model(m) for m in ids]
         records = complete_models(stored)
         device = self.linalg_device
@@ -608,15 +604,23 @@ class TRAK:
         models = list(zip(stored, records, strict=True))
         return self_influence(models, factors, chosen, device=device)
 
-    def _estimator(self, estimator: Estimator | None) -> Estimator:
+    def _estimator_for(
+        self, estimator: Estimator | None, model_ids: Sequence[int] | None
+    ) -> tuple[Estimator, list[int]]:
+        """The estimator (default :attr:`estimator`) checked for k and decided for the
+        ensemble of the requested stored model ids, and those ids. The estimator is checked
+        first, so that a wrong one is named before the store is read."""
         if estimator is None:
-            return self.estimator
-        if not isinstance(estimator, Estimator):
+            estimator = self.estimator
+        elif not isinstance(estimator, Estimator):
             raise ConfigTypeError(
                 f"estimator= takes an ft.Estimator(kernel=..., ridge=..., kernel_blocks=..., "
-                f"precision=..., weight_power=...), got {type(estimator).__name__}"
+                f"precision=..., weight_power=..., ensemble_size=...), got "
+                f"{type(estimator).__name__}"
             )
-        return estimator.for_dim(self.k)
+        chosen = estimator.for_dim(self.k)
+        ids = self._stored_ids(model_ids)
+        return chosen.for_models(len(ids)), ids
 
     def _stored_ids(self, model_ids: Sequence[int] | None) -> list[int]:
         """The requested model ids (default: all stored), each stored."""
@@ -710,9 +714,7 @@ class TRAK:
         estimator: Estimator | None,
         models: Sequence[int] | None,
     ) -> ScorePlan:
-        chosen = self._estimator(estimator)
-        ids = self._stored_ids(_renamed_ids(model_ids, models, "score"))
-        chosen = chosen.for_models(len(ids))
+        chosen, ids = self._estimator_for(estimator, _renamed_ids(model_ids, models, "score"))
         stored = [self.store.model(m) for m in ids]
         records = complete_models(stored)
         if checkpoints is not None:
